@@ -1,0 +1,208 @@
+"""The `llmos` command. Each subcommand is a thin layer over one documented function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from llmos_edge import __version__
+from llmos_edge.config import LoadedConfig, dump, load_file, load_layers, reference
+from llmos_edge.errors import UserError
+
+DEFAULT_CONFIG = "/etc/llmos/llmos.yaml"
+
+EPILOG = """\
+examples:
+  llmos run --config examples/dev.yaml --console stdio   talk to it on this terminal
+  llmos check-config /etc/llmos/llmos.yaml                validate a config file
+  llmos logs -n 20                                       the last 20 requests
+"""
+
+
+def _die(e: UserError) -> int:
+    print(f"llmos: error: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"llmos: hint: {e.hint}", file=sys.stderr)
+    return 2
+
+
+def _with_overrides(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedConfig:
+    """Command-line options win over every config file."""
+    cfg = loaded.config
+    if getattr(args, "console", None):
+        cfg = dataclasses.replace(cfg, console=dataclasses.replace(cfg.console, device=args.console))
+    if getattr(args, "model", None):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model))
+    if getattr(args, "db", None):
+        cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, path=args.db))
+    return dataclasses.replace(loaded, config=cfg)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        # journald adds its own timestamps; a terminal user still wants them
+        format="%(levelname)s %(name)s: %(message)s"
+        if not sys.stderr.isatty()
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    loaded = _with_overrides(load_layers(args.config, args.override), args)
+    if loaded.fallback:
+        print(f"llmos: error: {loaded.fallback}", file=sys.stderr)
+        print(
+            "llmos: hint: running on the remaining configuration; fix the file and restart "
+            "(`llmos check-config FILE` validates)",
+            file=sys.stderr,
+        )
+    from llmos_edge.supervisor import Supervisor  # heavy imports only for the command that needs them
+
+    try:
+        return Supervisor(loaded).run()
+    except UserError as e:
+        return _die(e)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    status = 0
+    cfg = None
+    for path in args.files:
+        try:
+            cfg = load_file(path, cfg)
+            print(f"{path}: ok")
+        except UserError as e:
+            status = _die(e)
+    if args.print and cfg is not None and status == 0:
+        print(dump(cfg), end="")
+    return status
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from llmos_edge.store import open_readonly
+    from llmos_edge.supervisor import format_request
+
+    db_path = args.db or _with_overrides(load_layers(args.config), args).config.database.path
+    db = open_readonly(db_path)
+    table = "events" if args.events else "requests"
+    if not db[table].exists():
+        raise UserError(f"{db_path} holds no {table} table", "is this an llmos-edge database?")
+    rows = list(db[table].rows_where(order_by="id desc", limit=args.n))[::-1]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+    elif args.events:
+        import time
+
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+            print(f"#{r['id']} {when} {r['kind']}: {r['message']}")
+    else:
+        for r in rows:
+            print(format_request(r))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from llmos_edge.models import read_gguf
+
+    info = read_gguf(args.path)
+    out = {
+        "path": str(info.path),
+        "name": info.name,
+        "architecture": info.architecture,
+        "quantization": info.quantization,
+        "parameters": info.n_params,
+        "file_bytes": info.file_size,
+        "context_trained": info.arch("context_length"),
+        "self_test": {
+            k.removeprefix("llmos.self_test."): v for k, v in info.metadata.items() if k.startswith("llmos.self_test.")
+        },
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_config_reference(_args: argparse.Namespace) -> int:
+    print(reference(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmos",
+        description="llmos-edge: an LLM operating system for edge hardware.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"llmos-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the supervisor (engine, scheduler, console)")
+    r.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="config file; repeat to layer files, later ones win (default: built-in defaults)",
+    )
+    r.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="optional config file applied last, skipped if missing (the device's writable override)",
+    )
+    r.add_argument(
+        "--console",
+        metavar="DEVICE",
+        help="console device: /dev/ttyS0, a pty path, socket://host:port, stdio (this terminal), none",
+    )
+    r.add_argument("--model", metavar="PATH", help="GGUF model file (overrides model.path)")
+    r.add_argument("--db", metavar="PATH", help="SQLite database (overrides database.path)")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate config files (layered in the order given)")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--print", action="store_true", help="print the resulting configuration")
+    c.set_defaults(func=cmd_check_config)
+
+    lg = sub.add_parser("logs", help="print recent requests (or events) from the database")
+    lg.add_argument("-n", type=int, default=10, metavar="N", help="how many rows (default 10)")
+    lg.add_argument("--json", action="store_true", help="one JSON object per line")
+    lg.add_argument("--events", action="store_true", help="events (ready, restarts, errors) instead of requests")
+    lg.add_argument("--db", metavar="PATH", help="database file (default: database.path of the config)")
+    lg.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"config file to find the database in (e.g. {DEFAULT_CONFIG})",
+    )
+    lg.set_defaults(func=cmd_logs)
+
+    m = sub.add_parser("model-info", help="read a GGUF file's header: name, quantization, parameters")
+    m.add_argument("path", metavar="MODEL.gguf")
+    m.set_defaults(func=cmd_model_info)
+
+    ref = sub.add_parser("config-reference", help="print every config key with its default, as Markdown")
+    ref.set_defaults(func=cmd_config_reference)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        return _die(e)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The configuration: one YAML file, a documented schema with defaults, validation with one-line errors.
+
+The schema is declared once (the dataclasses below, with a doc string per setting); validation, the defaults and
+the reference in README.md (`llmos config-reference`) are all derived from it, so they cannot drift apart.
+On a device an invalid override must not brick it: `load_layers` skips a broken file and says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmos_edge.errors import UserError
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    return field(default=default, metadata={"doc": doc, "min": minimum, "max": maximum, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = setting("/usr/share/llmos/models/default.gguf", "GGUF model file to load.")
+    threads: int = setting(0, "Inference threads; 0 means one per CPU core.", minimum=0, maximum=256)
+    context: int = setting(
+        512,
+        "Context length in tokens (llama.cpp rounds it up to a multiple of 256).",
+        minimum=64,
+        maximum=131072,
+    )
+    max_tokens: int = setting(128, "Most tokens generated for one answer.", minimum=1, maximum=65536)
+    temperature: float = setting(
+        0.0, "Sampling temperature; 0 is greedy (deterministic) decoding.", minimum=0.0, maximum=5.0
+    )
+    seed: int = setting(0, "Sampling seed, used when temperature > 0.", minimum=0, maximum=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    device: str = setting(
+        "/dev/ttyS0",
+        "Serial console: a UART (/dev/ttyS0, /dev/ttyUSB0), a pty path, socket://host:port, stdio (this "
+        "terminal), or none.",
+    )
+    baud: int = setting(115200, "Baud rate of a UART.", minimum=50, maximum=4000000)
+    max_line: int = setting(
+        512,
+        "Longest accepted input line in bytes; longer lines are dropped with a notice.",
+        minimum=16,
+        maximum=65536,
+    )
+    echo: bool = setting(True, "Echo typed characters back (serial terminals expect the remote end to echo).")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    path: str = setting("/var/lib/llmos/llmos.db", "SQLite database of starts, requests and events.")
+    keep_requests: int = setting(100000, "Request rows kept; older ones are deleted at start.", minimum=10)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    restart_backoff_max: float = setting(
+        30.0, "Longest wait in seconds between restarts of a crashed engine.", minimum=0.1, maximum=3600.0
+    )
+    load_timeout: float = setting(120.0, "Seconds the engine may take to load the model.", minimum=1.0)
+    progress_timeout: float = setting(
+        30.0,
+        "Seconds without a new token before a generating engine counts as hung and is killed and restarted.",
+        minimum=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    queue_size: int = setting(
+        16,
+        "Requests that may wait; one more is refused at once with a clear reason.",
+        minimum=1,
+        maximum=10000,
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+_SECTION_TYPES: dict[str, type[Any]] = {
+    "model": ModelConfig,
+    "console": ConsoleConfig,
+    "database": DatabaseConfig,
+    "engine": EngineConfig,
+    "scheduler": SchedulerConfig,
+}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The configuration in force and where it came from, for the log and /status."""
+
+    config: Config
+    sources: tuple[str, ...]
+    fallback: str = ""  # why a file was skipped; empty when every file given was used
+
+
+def _type_name(t: type[Any]) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+
+
+def _check_value(path: str, key: str, value: Any, f: dataclasses.Field[Any]) -> Any:
+    expected: type[Any] = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UserError(
+            f"{path}: {key} must be {_type_name(expected)}, not {value!r}",
+            f"see `llmos config-reference` for {key}",
+        )
+    meta = f.metadata
+    if meta["min"] is not None and value < meta["min"]:
+        raise UserError(
+            f"{path}: {key} is {value}, below the minimum {meta['min']}",
+            f"set {key} to at least {meta['min']}",
+        )
+    if meta["max"] is not None and value > meta["max"]:
+        raise UserError(
+            f"{path}: {key} is {value}, above the maximum {meta['max']}",
+            f"set {key} to at most {meta['max']}",
+        )
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UserError(
+            f"{path}: {key} is {value!r}, not one of {', '.join(meta['choices'])}",
+            f"pick one of {', '.join(meta['choices'])}",
+        )
+    return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's default lets a repeated key silently replace the first one; in a config that loses settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def merge(base: Config, data: Any, path: str) -> Config:
+    """Apply one parsed YAML document on top of `base`; raise UserError naming the key and the file."""
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: the top level must be a mapping of sections, not {type(data).__name__}",
+            f"start the file with one of: {', '.join(_SECTION_TYPES)}",
+        )
+    sections: dict[str, Any] = {}
+    for name, body in data.items():
+        if name not in _SECTION_TYPES:
+            raise UserError(f"{path}: unknown section {name!r}", f"known sections: {', '.join(_SECTION_TYPES)}")
+        cls = _SECTION_TYPES[name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UserError(
+                f"{path}: section {name} must be a mapping of keys, not {body!r}",
+                f"write it as `{name}:` followed by indented `key: value` lines",
+            )
+        changes: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in fields:
+                raise UserError(f"{path}: unknown key {name}.{key}", f"known keys in {name}: {', '.join(fields)}")
+            changes[key] = _check_value(path, f"{name}.{key}", value, fields[key])
+        sections[name] = dataclasses.replace(getattr(base, name), **changes)
+    return dataclasses.replace(base, **sections)
+
+
+def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Config:
+    """Read and validate one config file strictly."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such config file", "check the path, or start from examples/dev.yaml") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file (invalid UTF-8)", "a config file is YAML text") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read: {e.strerror}", "check the file's permissions") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise UserError(
+            f"{p}: invalid YAML{where}: {problem}",
+            "check indentation and quoting; `llmos check-config FILE` validates",
+        ) from None
+    return merge(base or Config(), data, str(p))
+
+
+def load_layers(files: list[str], optional: list[str] | None = None) -> LoadedConfig:
+    """Built-in defaults, then each file in order. A broken file is skipped (the device keeps running on the
+    layers below it) and the reason is returned in `fallback`; a missing optional file is simply not used."""
+    config = Config()
+    used: list[str] = ["defaults"]
+    problems: list[str] = []
+    for path, is_optional in [(f, False) for f in files] + [(f, True) for f in optional or []]:
+        if is_optional and not Path(path).exists():
+            continue
+        try:
+            config = load_file(path, config)
+            used.append(path)
+        except UserError as e:
+            problems.append(str(e))
+    return LoadedConfig(config=config, sources=tuple(used), fallback="; ".join(problems))
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def reference() -> str:
+    """The config reference as Markdown, generated from the schema (README.md embeds it; a test keeps them equal)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default
+            shown = "true" if default is True else "false" if default is False else default
+            lines.append(f"| `{name}.{f.name}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,375 @@
+"""The serial console: the product's interface on a UART, a pty, a TCP socket or the terminal.
+
+Human mode: the prompt `llmos> `; a typed line is a question whose answer streams token by token; commands start
+with `/`. This is not a login shell: nothing typed here reaches a shell. Line noise is expected on serial lines, so
+over-long lines, invalid UTF-8, control bytes and bursts are dropped with a (rate-limited) notice, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import termios
+import threading
+import time
+import tty
+from collections.abc import Callable
+from typing import Protocol
+
+import serial
+
+from llmos_edge.errors import UserError
+from llmos_edge.scheduler import Refused, Request, Result, Scheduler
+
+log = logging.getLogger(__name__)
+
+PROMPT = "llmos> "
+HELP = """\
+Type a question and press Enter; the answer streams as it is generated.
+Commands:
+  /help        this text
+  /status      model, speed, memory, temperature, uptime, restarts, queue
+  /logs [N]    the last N requests (default 5)
+  /cancel      stop the answer being generated (Ctrl-C does the same)"""
+
+# What a model generates is printed raw to someone's terminal: strip C0 controls (ESC sequences could restyle or
+# rewrite the terminal) except newline and tab.
+_UNPRINTABLE = {c: None for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F: None}
+
+CTRL_C, BS, DEL, CTRL_U, ESC, CR, LF, TAB = 0x03, 0x08, 0x7F, 0x15, 0x1B, 0x0D, 0x0A, 0x09
+
+
+class Port(Protocol):
+    def read(self, size: int) -> bytes: ...
+    def write(self, data: bytes) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class FdPort:
+    """A console on plain file descriptors: the terminal (stdio) or the master side of a pty we created."""
+
+    def __init__(self, read_fd: int, write_fd: int, raw: bool = False) -> None:
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self._saved: list[object] | None = None
+        if raw and os.isatty(read_fd):
+            self._saved = termios.tcgetattr(read_fd)
+            tty.setraw(read_fd)
+
+    def read(self, size: int) -> bytes:
+        ready, _, _ = select.select([self.read_fd], [], [], 0.2)
+        if not ready:
+            return b""
+        try:
+            data = os.read(self.read_fd, size)
+        except OSError:  # a pty master reads EIO while nobody has the other side open: same as no input
+            time.sleep(0.2)
+            return b""
+        if not data:
+            raise EOFError("console input closed")
+        return data
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        deadline = time.monotonic() + 2.0
+        while view and time.monotonic() < deadline:
+            _, ready, _ = select.select([], [self.write_fd], [], 0.2)
+            if ready:
+                try:
+                    view = view[os.write(self.write_fd, view) :]
+                except BlockingIOError:
+                    continue
+        return len(data) - len(view)
+
+    def close(self) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.read_fd, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
+
+
+def open_port(device: str, baud: int) -> Port:
+    """Open the configured console device. `stdio` is the terminal; anything else goes through pyserial
+    (a device path, a pty path, or a URL such as socket://127.0.0.1:4321)."""
+    if device == "stdio":
+        return FdPort(0, 1, raw=True)
+    try:
+        # write_timeout: with nobody reading a pty, writes would block the answer (and so the engine) forever.
+        return serial.serial_for_url(device, baudrate=baud, timeout=0.2, write_timeout=2)  # type: ignore[no-any-return]
+    except (serial.SerialException, OSError, ValueError) as e:
+        raise UserError(
+            f"cannot open the console device {device}: {e}",
+            "check console.device (a UART like /dev/ttyS0, a pty, socket://host:port, or none)",
+        ) from None
+
+
+class LineReader:
+    """Turns raw bytes into complete lines, with line editing and the dropping of bad input.
+
+    `feed` returns events: ("line", text) | ("interrupt", "") | ("drop", reason) | ("echo", bytes).
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.buf = bytearray()
+        self.overflow = False
+        self.controls = 0
+        self.escape = 0  # 0: none, 1: after ESC, 2: inside a CSI sequence
+        self.last_cr = False
+
+    def feed(self, data: bytes) -> list[tuple[str, object]]:
+        events: list[tuple[str, object]] = []
+        echo = bytearray()
+
+        def flush_echo() -> None:
+            if echo:
+                events.append(("echo", bytes(echo)))
+                echo.clear()
+
+        for b in data:
+            was_cr, self.last_cr = self.last_cr, b == CR
+            if self.escape == 1:  # ESC x, or the start of ESC [ ...
+                self.escape = 2 if b == ord("[") else 0
+                continue
+            if self.escape == 2:  # arrow keys and friends: swallow until the final byte
+                if 0x40 <= b <= 0x7E:
+                    self.escape = 0
+                continue
+            if b == ESC:
+                self.escape = 1
+                continue
+            if b == LF and was_cr:
+                continue  # CR LF is one line end
+            if b in (CR, LF):
+                flush_echo()
+                events.append(self._end_line())
+                continue
+            if b == CTRL_C:
+                flush_echo()
+                self._reset()
+                events.append(("interrupt", ""))
+                continue
+            if b in (BS, DEL):
+                if self.buf and not self.overflow:
+                    while len(self.buf) > 1 and (self.buf[-1] & 0xC0) == 0x80:  # continuation bytes first,
+                        del self.buf[-1]
+                    del self.buf[-1]  # then the lead byte: one whole UTF-8 character
+                    echo += b"\b \b"
+                continue
+            if b == CTRL_U:
+                echo += b"\b \b" * len(self.buf.decode("utf-8", "replace"))
+                self.buf.clear()
+                continue
+            if b == TAB:
+                b = 0x20
+            if b < 0x20:
+                self.controls += 1
+                continue
+            if len(self.buf) >= self.max_line:
+                self.overflow = True
+                continue
+            self.buf.append(b)
+            echo.append(b)
+        flush_echo()
+        return events
+
+    def _reset(self) -> None:
+        self.buf.clear()
+        self.overflow = False
+        self.controls = 0
+
+    def _end_line(self) -> tuple[str, object]:
+        raw, overflow, controls = bytes(self.buf), self.overflow, self.controls
+        self._reset()
+        if overflow:
+            return ("drop", f"line longer than {self.max_line} bytes; dropped")
+        if controls:
+            return ("drop", f"line held {controls} control byte(s); dropped")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return ("drop", "line is not valid UTF-8; dropped (type plain text)")
+        return ("line", text.strip())
+
+
+class Console:
+    """One console session on one port. Runs in its own thread; survives a lost device by reopening it."""
+
+    def __init__(
+        self,
+        device: str,
+        baud: int,
+        max_line: int,
+        echo: bool,
+        scheduler: Scheduler,
+        status: Callable[[], list[str]],
+        logs: Callable[[int], list[str]],
+        max_tokens: int,
+        port: Port | None = None,
+    ) -> None:
+        self.device, self.baud, self.echo = device, baud, echo
+        self.max_line = max_line
+        self.scheduler = scheduler
+        self.status, self.logs = status, logs
+        self.max_tokens = max_tokens
+        self.port = port
+        self._wlock = threading.Lock()
+        self._stop = threading.Event()
+        self.active: Request | None = None
+        self._busy_noticed = False
+        self._last_notice = 0.0
+        self._suppressed = 0
+        self.state = "starting"  # for /status: connected | waiting for DEVICE | ...
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        if self.port is not None:
+            try:
+                self.port.close()
+            except Exception:
+                pass
+
+    # -- output --------------------------------------------------------------------------------------------
+    def write(self, text: str) -> None:
+        data = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "replace")
+        with self._wlock:
+            if self.port is None:
+                return
+            try:
+                self.port.write(data)
+            except (serial.SerialTimeoutException, serial.SerialException, OSError) as e:
+                log.warning("console write failed: %s", e)
+
+    def _notice(self, text: str) -> None:
+        """Rate-limited: a burst of line noise gets one notice a second, with a count of what else was dropped."""
+        now = time.monotonic()
+        if now - self._last_notice < 1.0:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more)" if self._suppressed else ""
+        self._suppressed = 0
+        self._last_notice = now
+        self.write(f"\n[{text}{more}]\n")
+        if self.active is None:
+            self.write(PROMPT)
+
+    # -- input ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        reader = LineReader(self.max_line)
+        warned = False
+        while not self._stop.is_set():
+            if self.port is None:
+                try:
+                    self.port = open_port(self.device, self.baud)
+                except UserError as e:
+                    if not warned:
+                        log.error("%s; retrying every 2 s", e)
+                        warned = True
+                    self.state = f"waiting for {self.device}"
+                    self._stop.wait(2)
+                    continue
+                warned = False
+                self.state = "connected"
+                log.info("console on %s", self.device)
+                self.write(f"\nllmos-edge ready. Type /help for commands.\n{PROMPT}")
+            try:
+                data = self.port.read(512)
+            except (serial.SerialException, OSError, EOFError) as e:
+                log.error("console device %s lost (%s); reopening", self.device, e)
+                self._close_port()
+                self._stop.wait(1)
+                continue
+            if data:
+                for kind, value in reader.feed(data):
+                    self._handle(kind, value)
+
+    def _close_port(self) -> None:
+        with self._wlock:
+            port, self.port = self.port, None
+        if port is not None:
+            try:
+                port.close()
+            except Exception:
+                pass
+
+    def _handle(self, kind: str, value: object) -> None:
+        if kind == "echo":
+            if self.echo and self.active is None:
+                with self._wlock:
+                    if self.port is not None:
+                        self.port.write(value)  # type: ignore[arg-type]
+        elif kind == "interrupt":
+            if self.active is not None:
+                self.active.cancel()
+            else:
+                self.write(f"^C\n{PROMPT}")
+        elif kind == "drop":
+            self._notice(str(value))
+        elif kind == "line":
+            self._line(str(value))
+
+    def _line(self, line: str) -> None:
+        if self.active is not None:
+            if line == "/cancel":
+                self.active.cancel()
+            elif not self._busy_noticed:  # one notice per answer, however much is typed meanwhile
+                self._busy_noticed = True
+                self._notice("busy: an answer is streaming; Ctrl-C or /cancel stops it")
+            return
+        self.write("\n")
+        if not line:
+            self.write(PROMPT)
+        elif line.startswith("/"):
+            self._command(line)
+        else:
+            self._ask(line)
+
+    def _command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        if name == "/help":
+            self.write(HELP + "\n")
+        elif name == "/status":
+            self.write("\n".join(self.status()) + "\n")
+        elif name == "/logs":
+            try:
+                n = int(arg) if arg.strip() else 5
+                if not 1 <= n <= 1000:
+                    raise ValueError
+            except ValueError:
+                self.write("error: /logs takes a number from 1 to 1000, e.g. /logs 10\n")
+            else:
+                self.write("\n".join(self.logs(n) or ["(no requests yet)"]) + "\n")
+        elif name == "/cancel":
+            self.write("nothing to cancel\n")
+        else:
+            self.write(f"error: unknown command {name}; type /help for the list\n")
+        self.write(PROMPT)
+
+    def _ask(self, question: str) -> None:
+        self._busy_noticed = False
+        req = Request(
+            prompt=question,
+            source="console",
+            priority="interactive",
+            max_tokens=self.max_tokens,
+            on_token=lambda text: self.write(text.translate(_UNPRINTABLE)),
+            on_done=self._done,
+        )
+        self.active = req
+        try:
+            self.scheduler.submit(req)
+        except Refused:
+            pass  # _done has already been called with the refusal
+
+    def _done(self, result: Result) -> None:
+        if result.outcome == "ok":
+            self.write("\n")
+        elif result.outcome == "cancelled":
+            self.write(" ^C\n[cancelled]\n")
+        else:
+            self.write(f"\nerror: {result.error}\n")
+        self.active = None
+        self.write(PROMPT)

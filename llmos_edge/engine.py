@@ -1,0 +1,481 @@
+"""One loaded model in a worker process: generate with streaming, cancel, report progress per token.
+
+The worker is a separate process (`python -m llmos_edge.engine FD`) so that a crash or hang in native code
+(llama.cpp) never takes the supervisor with it. Parent and worker talk over a socketpair wrapped as a
+multiprocessing Connection, with small tuples:
+
+  parent -> worker: ("init", EngineSettings) first, then
+                    ("generate", rid, prompt, max_tokens, temperature, seed) | ("cancel", rid) | ("shutdown",)
+  worker -> parent: ("cpu", variant) | ("loaded", info) | ("load_failed", message)
+                    ("token", rid, text) | ("done", rid, stats) | ("error", rid, message)
+
+This module imports no front-end and no governor (ARCHITECTURE.md): the supervisor wires it to the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import multiprocessing.connection
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request could not be completed by the engine (crash, hang, unavailable model)."""
+
+
+class IllegalInstruction(Exception):
+    """The worker died with SIGILL in the CPU variant `variant`."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__(variant)
+        self.variant = variant
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    n_ctx: int = 512
+    n_threads: int = 0  # 0: one per CPU this process may run on
+    exclude_cpu: tuple[str, ...] = ()  # CPU variants that died with SIGILL on this machine
+
+
+@dataclass
+class GenerationStats:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    ttft_s: float = 0.0  # from the request reaching the worker to its first token
+    decode_tok_s: float = 0.0  # tokens after the first, per second of decoding
+    stop: str = ""  # eos | length | cancelled
+    text: str = ""
+
+
+@dataclass
+class EngineInfo:
+    model: str = ""
+    n_ctx: int = 0
+    n_threads: int = 0
+    cpu_backend: str = ""  # the ggml CPU variant runtime dispatch picked (x64, sse42, haswell, zen4...)
+    pid: int = 0
+    self_test: dict[str, str] = field(default_factory=dict)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side (runs in the child process)
+
+
+def _die_with_parent() -> None:
+    # If the supervisor is SIGKILLed, the kernel kills the worker too instead of leaving an orphan holding memory.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def cpu_variants() -> list[tuple[str, int, Path]]:
+    """The ggml CPU variants shipped in the wheel that this CPU supports, best first: (name, score, path).
+
+    The wheel is built with GGML_BACKEND_DL and every CPU variant, installed under site-packages/bin where ggml
+    does not look by itself (without loading one, llama.cpp fails with "no backends are loaded"). Each variant
+    scores itself from CPUID; 0 means unsupported.
+    """
+    import llama_cpp  # loads libggml-base, which the variant libraries need
+
+    bin_dir = Path(llama_cpp.__file__).resolve().parent.parent / "bin"
+    found = []
+    for path in bin_dir.glob("libggml-cpu-*.so"):
+        try:
+            score_fn = ctypes.CDLL(str(path)).ggml_backend_score
+        except (OSError, AttributeError):
+            continue
+        score_fn.restype = ctypes.c_int
+        if (score := score_fn()) > 0:
+            found.append((path.name.removeprefix("libggml-cpu-").removesuffix(".so"), score, path))
+    return sorted(found, key=lambda v: -v[1])
+
+
+def load_cpu_backend(exclude: tuple[str, ...] = ()) -> str:
+    """Load the best CPU variant not in `exclude` and return its name.
+
+    `exclude` exists because CPUID can promise more than the machine delivers: under some hypervisors the
+    `sapphirerapids` variant's AMX instructions die with SIGILL although the AMX flags are set. The supervisor
+    then excludes that variant and the next best one is used.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    for name, _score, path in cpu_variants():
+        if name in exclude:
+            continue
+        fn = lib._lib.ggml_backend_load
+        fn.argtypes = [ctypes.c_char_p]
+        fn.restype = ctypes.c_void_p
+        if fn(os.fsencode(path)):
+            return name
+    return "builtin"  # a wheel built without GGML_BACKEND_DL has its CPU backend linked in
+
+
+def _prompt_text(llm: Any, prompt: str) -> tuple[str, bool]:
+    """The text given to the model for a user's question, and whether to add BOS.
+
+    Our own models carry `llmos.prompt_template`; models with a chat template use it; others get the raw text.
+    """
+    meta = llm.metadata
+    template = meta.get("llmos.prompt_template")
+    if template:
+        return template.replace("{prompt}", prompt), True
+    chat = meta.get("tokenizer.chat_template")
+    if chat:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
+        eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+        formatted = Jinja2ChatFormatter(chat, eos_token=eos, bos_token=bos)(
+            messages=[{"role": "user", "content": prompt}]
+        )
+        return formatted.prompt, False
+    return prompt, True
+
+
+class _Worker:
+    def __init__(self, conn: multiprocessing.connection.Connection, settings: EngineSettings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.backlog: list[tuple[Any, ...]] = []
+
+    def load(self) -> EngineInfo:
+        from llama_cpp import Llama
+
+        cpu = load_cpu_backend(self.settings.exclude_cpu)
+        self.conn.send(("cpu", cpu))  # so the supervisor knows which variant to blame for a SIGILL
+        threads = self.settings.n_threads or default_threads()
+        self.llm = Llama(
+            model_path=self.settings.model_path,
+            n_ctx=self.settings.n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        import llama_cpp
+
+        self.vocab = self.llm._model.vocab
+        self.is_eog = llama_cpp.llama_vocab_is_eog
+        # Decode a few tokens now: an unusable CPU variant dies here, while loading, not in a user's request.
+        self.llm.eval(self.llm.tokenize(b"probe\n", add_bos=True)[:4])
+        self.llm.reset()  # type: ignore[no-untyped-call]
+        meta = self.llm.metadata
+        self_test = {}
+        if meta.get("llmos.self_test.prompt"):
+            self_test = {
+                "prompt": meta["llmos.self_test.prompt"],
+                "answer": meta.get("llmos.self_test.answer", ""),
+            }
+        return EngineInfo(
+            model=meta.get("general.name", Path(self.settings.model_path).stem),
+            n_ctx=self.llm.n_ctx(),
+            n_threads=threads,
+            cpu_backend=cpu,
+            pid=os.getpid(),
+            self_test=self_test,
+        )
+
+    def _cancelled(self, rid: int) -> bool:
+        """Between tokens: has the parent cancelled this request (or asked us to stop)?"""
+        while self.conn.poll():
+            msg = self.conn.recv()
+            if msg[0] == "cancel" and msg[1] == rid:
+                return True
+            if msg[0] == "shutdown":
+                self.backlog.append(msg)
+                return True
+            if msg[0] != "cancel":  # a cancel for an older request is stale; anything else waits its turn
+                self.backlog.append(msg)
+        return False
+
+    def generate(self, rid: int, prompt: str, max_tokens: int, temperature: float, seed: int) -> None:
+        t0 = time.perf_counter()
+        text, add_bos = _prompt_text(self.llm, prompt)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=not add_bos)
+        n_ctx = self.llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            self.conn.send(("error", rid, f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}"))
+            return
+        budget = min(max_tokens, n_ctx - len(tokens))
+        self.llm.set_seed(seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stats = GenerationStats(tokens_in=len(tokens), stop="length")
+        parts: list[str] = []
+        t_first = t_last = 0.0
+        for tok in self.llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+            if self.is_eog(self.vocab, tok):
+                stats.stop = "eos"
+                break
+            t_last = time.perf_counter()
+            if stats.tokens_out == 0:
+                t_first = t_last
+            stats.tokens_out += 1
+            piece = decoder.decode(self.llm.detokenize([tok]))
+            parts.append(piece)
+            self.conn.send(("token", rid, piece))
+            if self._cancelled(rid):
+                stats.stop = "cancelled"
+                break
+            if stats.tokens_out >= budget:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            parts.append(tail)
+            self.conn.send(("token", rid, tail))
+        stats.ttft_s = (t_first - t0) if stats.tokens_out else 0.0
+        if stats.tokens_out > 1 and t_last > t_first:
+            stats.decode_tok_s = (stats.tokens_out - 1) / (t_last - t_first)
+        stats.text = "".join(parts)
+        self.conn.send(("done", rid, stats))
+
+    def serve(self) -> None:
+        while True:
+            msg = self.backlog.pop(0) if self.backlog else self.conn.recv()
+            if msg[0] == "shutdown":
+                return
+            if msg[0] == "generate":
+                _, rid, prompt, max_tokens, temperature, seed = msg
+                try:
+                    self.generate(rid, prompt, max_tokens, temperature, seed)
+                except Exception as e:  # a failed request must not end the worker
+                    self.conn.send(("error", rid, f"generation failed: {e}"))
+
+
+def worker_main(fd: int) -> None:
+    _die_with_parent()
+    # Ctrl-C on a terminal reaches the whole process group; only the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = multiprocessing.connection.Connection(fd)
+    try:
+        kind, settings = conn.recv()
+        assert kind == "init"
+        worker = _Worker(conn, settings)
+        try:
+            info = worker.load()
+        except Exception as e:
+            conn.send(("load_failed", f"{type(e).__name__}: {e}"))
+            return
+        conn.send(("loaded", info))
+        worker.serve()
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        pass  # the supervisor went away: nothing left to serve
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervisor side
+
+
+class Engine:
+    """The supervisor's handle on the worker process: start, generate (blocking, streaming), cancel, stop.
+
+    One request at a time (the scheduler serialises them). `last_progress` is the monotonic time of the last sign
+    of life (model loaded, token produced), read by the supervisor's watchdog.
+    """
+
+    def __init__(self, settings: EngineSettings, load_timeout: float = 120.0, progress_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.load_timeout = load_timeout
+        self.progress_timeout = progress_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._lock = threading.Lock()  # held for a whole request, or a start
+        self._rid = 0
+        self._current = 0
+        self.info = EngineInfo()
+        self.last_progress = time.monotonic()
+        self.busy = False
+        self.bad_cpu: list[str] = list(settings.exclude_cpu)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_description(self) -> str:
+        code = self._proc.poll() if self._proc is not None else None
+        if code is None:
+            return "running" if self.alive() else "not started"
+        if code < 0:
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"exited with status {code}"
+
+    def start(self) -> EngineInfo:
+        """Spawn the worker and wait until the model is loaded. Raises EngineError with llama.cpp's reason.
+
+        A CPU variant that dies with SIGILL (loading, or earlier while serving) is excluded and the next best one
+        is tried: the machine keeps working at the best speed it really has."""
+        if self._proc is not None and self._proc.poll() == -signal.SIGILL and self.info.cpu_backend:
+            self._exclude(self.info.cpu_backend)
+        while True:
+            try:
+                return self._start_once()
+            except IllegalInstruction as e:
+                self._exclude(e.variant)
+
+    def _exclude(self, variant: str) -> None:
+        if variant in self.bad_cpu:
+            return
+        self.bad_cpu.append(variant)
+        log.error("CPU variant %s died with SIGILL (illegal instruction); excluding it", variant)
+        self.settings = replace(self.settings, exclude_cpu=tuple(self.bad_cpu))
+
+    def _start_once(self) -> EngineInfo:
+        with self._lock:
+            self._kill_locked()
+            parent_sock, child_sock = socket.socketpair()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "llmos_edge.engine", str(child_sock.fileno())],
+                pass_fds=[child_sock.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+            child_sock.close()
+            parent = multiprocessing.connection.Connection(parent_sock.detach())
+            parent.send(("init", self.settings))
+            self._proc, self._conn = proc, parent
+            deadline = time.monotonic() + self.load_timeout
+            cpu = ""
+            while time.monotonic() < deadline:
+                if parent.poll(0.1):
+                    try:
+                        msg = parent.recv()
+                    except EOFError:
+                        break
+                    if msg[0] == "cpu":
+                        cpu = msg[1]
+                    elif msg[0] == "loaded":
+                        self.info = msg[1]
+                        self.last_progress = time.monotonic()
+                        return self.info
+                    elif msg[0] == "load_failed":
+                        _wait(proc, 5)
+                        raise EngineError(f"the model did not load: {msg[1]}")
+                elif proc.poll() is not None:
+                    break
+            else:
+                self._kill_locked()
+                raise EngineError(f"the model did not load within {self.load_timeout:.0f} s")
+            _wait(proc, 1)
+            if proc.returncode == -signal.SIGILL and cpu not in ("", "builtin", *self.bad_cpu):
+                raise IllegalInstruction(cpu)
+            raise EngineError(f"the engine died while loading the model ({self.exit_description()})")
+
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int,
+        on_token: Callable[[str], None],
+        cancelled: Callable[[], bool],
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> GenerationStats:
+        """Run one request, calling on_token for each piece of text. Cancellation is polled between tokens.
+
+        Raises EngineError if the worker dies, or produces nothing for `progress_timeout` seconds (then it is
+        killed, so the supervisor restarts it)."""
+        with self._lock:
+            if not self.alive() or self._conn is None:
+                raise EngineError("the engine is not running")
+            conn = self._conn
+            self._rid += 1
+            rid = self._current = self._rid
+            sent_cancel = False
+            self.busy = True
+            self.last_progress = time.monotonic()
+            try:
+                conn.send(("generate", rid, prompt, max_tokens, temperature, seed))
+                while True:
+                    if not sent_cancel and cancelled():
+                        conn.send(("cancel", rid))
+                        sent_cancel = True
+                    if not conn.poll(0.05):
+                        if not self.alive():
+                            raise EngineError(f"the engine crashed ({self.exit_description()})")
+                        if time.monotonic() - self.last_progress > self.progress_timeout:
+                            self._kill_locked()
+                            raise EngineError(
+                                f"the engine made no progress for {self.progress_timeout:.0f} s and was restarted"
+                            )
+                        continue
+                    msg = conn.recv()
+                    if msg[1] != rid:
+                        continue  # a late message of an earlier, abandoned request
+                    self.last_progress = time.monotonic()
+                    if msg[0] == "token":
+                        on_token(msg[2])
+                    elif msg[0] == "done":
+                        stats: GenerationStats = msg[2]
+                        return stats
+                    elif msg[0] == "error":
+                        raise EngineError(msg[2])
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+                if self._proc is not None:
+                    _wait(self._proc, 1)
+                raise EngineError(f"the engine crashed ({self.exit_description()})") from None
+            finally:
+                self.busy = False
+                self.last_progress = time.monotonic()
+
+    def _kill_locked(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            _wait(self._proc, 5)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def kill(self) -> None:
+        """Kill the worker without waiting for a request in progress (a hung worker holds no lock we need)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the worker to exit; kill it if it does not within `timeout`."""
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        if conn is not None and proc.poll() is None:
+            try:
+                conn.send(("shutdown",))
+            except (OSError, BrokenPipeError):
+                pass
+            _wait(proc, timeout)
+        if proc.poll() is None:
+            proc.kill()
+            _wait(proc, 2)
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+if __name__ == "__main__":
+    # Run through the imported module, not __main__, so the classes we pickle name `llmos_edge.engine`.
+    from llmos_edge import engine
+
+    engine.worker_main(int(sys.argv[1]))

@@ -1,0 +1,169 @@
+"""The real supervisor with the real tiny model, driven through a pty as its serial port."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from tests.integration.conftest import MODEL, REPO, Appliance, heldout
+
+
+def test_ready_only_after_the_self_test_and_watchdog_pings_follow(appliance: Appliance) -> None:
+    db = sqlite3.connect(appliance.db)
+    kinds = [k for (k,) in db.execute("SELECT kind FROM events ORDER BY id")]
+    assert kinds.index("engine_loaded") < kinds.index("ready")
+    appliance.notify.wait_for("WATCHDOG=1", 10)
+    appliance.notify.wait_for("STATUS=ready | llmos-tiny", 10)
+    assert "self-test: passed ('ping' -> 'pong')" in appliance.console.command("/status")
+
+
+def test_faq_and_generalisation_answers_are_exact(appliance: Appliance) -> None:
+    for task in ("faq", "reverse"):
+        cases = heldout(task)[:12]
+        assert cases
+        for c in cases:
+            assert appliance.console.ask(c["prompt"]) == c["answer"], c
+
+
+def test_status_shows_model_speed_memory_uptime_restarts(appliance: Appliance) -> None:
+    appliance.console.ask("ping")
+    st = appliance.console.status()
+    assert st["model"].startswith("llmos-tiny (Q8_0,") and str(MODEL) in st["model"]
+    assert "tok/s" in st["last answer"] and "tokens" in st["last answer"]
+    assert st["memory"].startswith("supervisor ") and "engine " in st["memory"]
+    assert st["uptime"].startswith("0h00m") and st["uptime"].endswith("engine restarts: 0")
+    assert st["state"] == "ready"
+    assert st["temperature"]
+
+
+def test_sigkilled_worker_is_back_and_answering_within_5_s(appliance: Appliance) -> None:
+    pid = appliance.engine_pid()
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    answer = ""
+    while time.monotonic() - t0 < 5 and answer != "pong":
+        answer = appliance.console.ask("ping", timeout=5)
+    elapsed = time.monotonic() - t0
+    assert answer == "pong", appliance.output()
+    assert elapsed < 5
+    assert appliance.engine_pid() != pid
+    assert appliance.proc.poll() is None
+    st = appliance.console.status()
+    assert st["uptime"].endswith("engine restarts: 1")
+    db = sqlite3.connect(appliance.db)
+    assert db.execute("SELECT message FROM events WHERE kind='engine_restart'").fetchone()[0].startswith(
+        "engine killed by signal SIGKILL"
+    )
+
+
+def test_in_flight_request_gets_a_clear_error_when_the_worker_dies(appliance: Appliance) -> None:
+    pid = appliance.engine_pid()
+    os.kill(pid, signal.SIGSTOP)  # hold it so the request is surely in flight
+    appliance.console.send("reverse abcdef\r")
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    out = appliance.console.read_until(b"llmos> ", 10).decode()
+    assert "error: the engine crashed (killed by signal SIGKILL)" in out
+    time.sleep(1)
+    assert appliance.console.ask("ping") == "pong"
+    db = sqlite3.connect(appliance.db)
+    assert ("reverse abcdef", "error") in db.execute("SELECT prompt, outcome FROM requests").fetchall()
+
+
+def test_a_hung_worker_is_killed_after_the_progress_timeout(appliance_factory: type[Appliance]) -> None:
+    a = appliance_factory(config="engine:\n  progress_timeout: 2\n")
+    a.wait_ready()
+    a.console.read_until(b"llmos> ", 10)
+    os.kill(a.engine_pid(), signal.SIGSTOP)
+    t0 = time.monotonic()
+    out = a.console.ask("ping", timeout=15)
+    assert "made no progress for 2 s" in out and time.monotonic() - t0 < 6
+    time.sleep(1)
+    assert a.console.ask("ping") == "pong"
+
+
+def test_a_burst_of_garbage_leaves_it_answering(appliance: Appliance) -> None:
+    rng = random.Random(1)
+    garbage = bytes(rng.randrange(256) for _ in range(20000)) + b"\x00\xff" * 300 + b"x" * 3000 + b"\r"
+    for i in range(0, len(garbage), 1000):
+        appliance.console.send(garbage[i : i + 1000])
+    out = appliance.console.drain(quiet=1.5, timeout=60)
+    assert b"dropped" in out  # the noise was noticed, not silently eaten
+    appliance.console.send(b"\x03")  # whatever half-line or answer the noise left behind
+    appliance.console.drain(quiet=1.0)
+    assert appliance.console.ask("ping") == "pong"
+    assert appliance.proc.poll() is None
+
+
+def test_ctrl_c_and_cancel_stop_a_running_answer(appliance: Appliance) -> None:
+    pid = appliance.engine_pid()
+    os.kill(pid, signal.SIGSTOP)
+    appliance.console.send("reverse abcdefghij\r")
+    time.sleep(0.3)
+    appliance.console.send(b"\x03")
+    os.kill(pid, signal.SIGCONT)
+    out = appliance.console.read_until(b"llmos> ", 10).decode()
+    assert "[cancelled]" in out
+    assert appliance.console.ask("ping") == "pong"
+
+
+def test_commands_help_logs_and_errors(appliance: Appliance) -> None:
+    c = appliance.console
+    assert "/status" in c.command("/help") and "/cancel" in c.command("/help")
+    c.ask("ping")
+    logs = c.command("/logs 2")
+    assert "'ping' -> 'pong'" in logs
+    assert "unknown command /frobnicate" in c.command("/frobnicate")
+    assert "takes a number" in c.command("/logs many")
+    assert "line longer than 512 bytes" in c.command("y" * 600)
+
+
+def test_sigterm_exits_cleanly_within_5_s_with_a_sound_database(appliance: Appliance) -> None:
+    appliance.console.ask("ping")
+    t0 = time.monotonic()
+    rc = appliance.stop(signal.SIGTERM, timeout=10)
+    assert rc == 0 and time.monotonic() - t0 < 5
+    db = sqlite3.connect(appliance.db)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT exit_reason FROM starts").fetchone()[0] == "SIGTERM"
+    assert not (appliance.db.parent / "llmos.db-wal").exists() or (appliance.db.parent / "llmos.db-wal").stat().st_size == 0
+
+
+def test_an_invalid_override_falls_back_and_says_so(appliance_factory: type[Appliance]) -> None:
+    a = appliance_factory(override="model:\n  threads: many\n")
+    a.wait_ready()
+    a.console.read_until(b"llmos> ", 10)
+    assert "FALLBACK" in a.console.status()["config"] and "model.threads must be an integer" in a.output()
+    assert a.console.ask("ping") == "pong"
+    db = sqlite3.connect(a.db)
+    assert db.execute("SELECT count(*) FROM events WHERE kind='config_fallback'").fetchone()[0] == 1
+
+
+def test_a_corrupt_model_is_reported_not_crashed_on(appliance_factory: type[Appliance]) -> None:
+    bad = REPO / "out" / "test-corrupt.gguf"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_bytes(MODEL.read_bytes()[: MODEL.stat().st_size // 2])
+    try:
+        a = appliance_factory(model=bad)
+        a.wait_ready()
+        a.console.read_until(b"llmos> ", 10)
+        st = a.console.status()
+        assert st["state"].startswith("failed (") and "truncated" in st["state"]
+        assert "error: the engine is not available" in a.console.ask("ping", timeout=20)
+    finally:
+        bad.unlink()
+
+
+def test_logs_command_prints_recent_requests(appliance: Appliance) -> None:
+    appliance.console.ask("reverse stone")
+    out = subprocess.run([sys.executable, "-m", "llmos_edge.cli", "logs", "--db", str(appliance.db), "-n", "1",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
+    assert row["prompt"] == "reverse stone" and row["answer"] == "enots" and row["outcome"] == "ok"
+    assert row["tokens_out"] > 0 and row["tok_s"] > 0 and row["ttft_ms"] > 0
