@@ -22,7 +22,7 @@ LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION).ok
 
 HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git
 
-.PHONY: help deps host-deps wheel venv lint typecheck unit integration test docs clean
+.PHONY: help deps host-deps wheel venv lint typecheck unit integration test run-host docs clean
 
 help:
 	@echo "make run     build what is missing, then start llmos-edge (see README.md)"
@@ -63,6 +63,11 @@ $(VENV)/.ok: pyproject.toml $(LLAMA_WHEEL_STAMP)
 	$(PY) -m pip install -q --find-links $(WHEELS) -e '.[dev]'
 	touch $@
 
+# model.mk: make model, speed-model; image.mk: image, run, flash, image-test (sets IMAGE_TEST); bench.mk: bench
+-include model/model.mk
+-include image/image.mk
+-include bench/bench.mk
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -76,9 +81,14 @@ unit: venv
 integration: venv
 	$(VENV)/bin/pytest -q tests/integration
 
--include model/model.mk
--include image/image.mk
--include bench/bench.mk
+# Host checks first (seconds to a couple of minutes), then the image tests (image.mk) that boot QEMU.
+test: deps lint typecheck unit integration $(IMAGE_TEST)
+
+# The supervisor on this machine, its console on this terminal (no image needed).
+run-host: venv
+	@mkdir -p out
+	$(VENV)/bin/llmos run --config examples/dev.yaml --console stdio
+
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -17,17 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section  # noqa: E402
-from llmos_edge.engine import load_cpu_backends  # noqa: E402
-from tests.integration.conftest import Appliance  # noqa: E402
+from bench.report import write_section
+from llmos_edge.engine import load_cpu_backend
+from tests.integration.conftest import Appliance
 
 PROMPT = "reverse benchmark"
 
 
-def raw_rate(model: Path, threads: int, ctx: int, max_tokens: int) -> tuple[float, int]:
+_loaded_variant = ""
+
+
+def raw_rate(model: Path, threads: int, ctx: int, max_tokens: int, variant: str) -> tuple[float, int]:
+    global _loaded_variant
     from llama_cpp import Llama
 
-    load_cpu_backends()
+    if not _loaded_variant:
+        _loaded_variant = load_cpu_backend(only=variant)
     llm = Llama(model_path=str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     tokens = llm.tokenize((PROMPT + "\n").encode(), add_bos=True)
     t_first = t_last = 0.0
@@ -72,35 +77,46 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
-        app = Appliance(run, model=args.model,
-                        override=f"model:\n  path: {args.model}\n  threads: {args.threads}\n  context: {ctx}\n"
-                        f"  max_tokens: {args.tokens}\nengine:\n  load_timeout: 300\n")
+        app = Appliance(
+            run,
+            model=args.model,
+            override=f"model:\n  path: {args.model}\n  threads: {args.threads}\n  context: {ctx}\n"
+            f"  max_tokens: {args.tokens}\nengine:\n  load_timeout: 300\n",
+        )
         app.wait_ready(300)
         app.console.read_until(b"llmos> ", 30)
+        variant = app.console.status()["engine"].rsplit("cpu ", 1)[1]
         raw, full = [], []
         for r in range(args.rounds):
-            rr, n_raw = raw_rate(args.model, args.threads, ctx, args.tokens)
+            rr, n_raw = raw_rate(args.model, args.threads, ctx, args.tokens, variant)
             fr, n_full = full_rate(app)
             raw.append(rr)
             full.append(fr)
             print(f"round {r + 1}: raw {rr:.1f} tok/s ({n_raw} tokens), llmos {fr:.1f} tok/s ({n_full} tokens)")
         app.close()
     ratio = statistics.median(full) / statistics.median(raw)
-    print(f"median raw {statistics.median(raw):.1f} tok/s, llmos {statistics.median(full):.1f} tok/s, ratio {ratio:.3f}")
+    print(
+        f"median raw {statistics.median(raw):.1f} tok/s, llmos {statistics.median(full):.1f} tok/s, ratio {ratio:.3f}"
+    )
     from llmos_edge.models import read_gguf
 
     info = read_gguf(args.model)
     body = (
         f"Model: `{args.model.name}` ({info.n_params / 1e6:.1f}M parameters, {info.quantization}, random weights), "
-        f"{args.threads} threads, context {ctx}, greedy, {args.tokens} tokens, {args.rounds} alternating rounds.\n\n"
+        f"{args.threads} threads, CPU variant {variant}, context {ctx}, greedy, {args.tokens} tokens, "
+        f"{args.rounds} alternating rounds.\n\n"
         "| path | median decode tok/s | rounds |\n|---|---|---|\n"
         f"| raw llama-cpp-python | {statistics.median(raw):.1f} | {', '.join(f'{x:.0f}' for x in raw)} |\n"
         f"| llmos console -> scheduler -> worker -> pty | {statistics.median(full):.1f} | "
         f"{', '.join(f'{x:.0f}' for x in full)} |\n\n"
         f"**Ratio llmos / raw: {ratio:.3f}** (target >= 0.95)\n"
     )
-    write_section("decode", "Decode throughput: full path vs raw llama-cpp-python",
-                  f"make bench-decode (python bench/decode.py --model {args.model.name} --threads {args.threads})", body)
+    write_section(
+        "decode",
+        "Decode throughput: full path vs raw llama-cpp-python",
+        f"make bench-decode (python bench/decode.py --model {args.model.name} --threads {args.threads})",
+        body,
+    )
     return 0
 
 

@@ -26,10 +26,9 @@ def machine() -> str:
 
 def write_section(name: str, title: str, command: str, body: str) -> None:
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = (
-        f"{start}\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-        f"{body.rstrip()}\n{end}"
+        f"{start}\n## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {date}\n\n{body.rstrip()}\n{end}"
     )
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     if start in text:

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from llmos_edge import __version__
 from llmos_edge.config import LoadedConfig, dump, load_file, load_layers, reference
@@ -43,15 +44,20 @@ def _with_overrides(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedCon
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        # journald adds its own timestamps; a terminal user still wants them
-        format="%(levelname)s %(name)s: %(message)s"
-        if not sys.stderr.isatty()
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     loaded = _with_overrides(load_layers(args.config, args.override), args)
+    log_file = None
+    if loaded.config.console.device == "stdio" and sys.stderr.isatty():
+        # The console owns this terminal: log lines in the middle of an answer would garble it.
+        log_file = Path(loaded.config.database.path).with_suffix(".log")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        print(f"llmos: logging to {log_file}; Ctrl-D at an empty prompt quits", file=sys.stderr)
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    # journald adds its own timestamps; a terminal or a file still wants them
+    timestamps = log_file is not None or sys.stderr.isatty()
+    handler.setFormatter(
+        logging.Formatter(("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if loaded.fallback:
         print(f"llmos: error: {loaded.fallback}", file=sys.stderr)
         print(

@@ -37,7 +37,7 @@ Commands:
 # rewrite the terminal) except newline and tab.
 _UNPRINTABLE = {c: None for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F: None}
 
-CTRL_C, BS, DEL, CTRL_U, ESC, CR, LF, TAB = 0x03, 0x08, 0x7F, 0x15, 0x1B, 0x0D, 0x0A, 0x09
+CTRL_C, CTRL_D, BS, DEL, CTRL_U, ESC, CR, LF, TAB = 0x03, 0x04, 0x08, 0x7F, 0x15, 0x1B, 0x0D, 0x0A, 0x09
 
 
 class Port(Protocol):
@@ -147,6 +147,10 @@ class LineReader:
                 self._reset()
                 events.append(("interrupt", ""))
                 continue
+            if b == CTRL_D and not self.buf:
+                flush_echo()
+                events.append(("eof", ""))
+                continue
             if b in (BS, DEL):
                 if self.buf and not self.overflow:
                     while len(self.buf) > 1 and (self.buf[-1] & 0xC0) == 0x80:  # continuation bytes first,
@@ -204,8 +208,10 @@ class Console:
         logs: Callable[[int], list[str]],
         max_tokens: int,
         port: Port | None = None,
+        on_eof: Callable[[], None] | None = None,
     ) -> None:
         self.device, self.baud, self.echo = device, baud, echo
+        self.on_eof = on_eof  # Ctrl-D at an empty prompt: only a terminal session may end the supervisor
         self.max_line = max_line
         self.scheduler = scheduler
         self.status, self.logs = status, logs
@@ -306,6 +312,10 @@ class Console:
                 self.active.cancel()
             else:
                 self.write(f"^C\n{PROMPT}")
+        elif kind == "eof":
+            if self.on_eof is not None and self.active is None:
+                self.write("\n")
+                self.on_eof()
         elif kind == "drop":
             self._notice(str(value))
         elif kind == "line":

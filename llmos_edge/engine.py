@@ -112,17 +112,18 @@ def cpu_variants() -> list[tuple[str, int, Path]]:
     return sorted(found, key=lambda v: -v[1])
 
 
-def load_cpu_backend(exclude: tuple[str, ...] = ()) -> str:
+def load_cpu_backend(exclude: tuple[str, ...] = (), only: str = "") -> str:
     """Load the best CPU variant not in `exclude` and return its name.
 
     `exclude` exists because CPUID can promise more than the machine delivers: under some hypervisors the
     `sapphirerapids` variant's AMX instructions die with SIGILL although the AMX flags are set. The supervisor
-    then excludes that variant and the next best one is used.
+    then excludes that variant and the next best one is used. `only` loads one named variant (benchmarks use it
+    to run raw llama.cpp on the variant the engine uses).
     """
     import llama_cpp.llama_cpp as lib
 
     for name, _score, path in cpu_variants():
-        if name in exclude:
+        if name in exclude or (only and name != only):
             continue
         fn = lib._lib.ggml_backend_load
         fn.argtypes = [ctypes.c_char_p]
@@ -159,6 +160,8 @@ class _Worker:
         self.conn = conn
         self.settings = settings
         self.backlog: list[tuple[Any, ...]] = []
+        self.duty = 1.0
+        self.threads = 0
 
     def load(self) -> EngineInfo:
         from llama_cpp import Llama
@@ -196,16 +199,28 @@ class _Worker:
             self_test=self_test,
         )
 
+    def apply_limits(self, limits: dict[str, float]) -> None:
+        """The governor's actuators: thread count and a duty cycle (the fraction of time spent computing)."""
+        if "threads" in limits:
+            import llama_cpp
+
+            self.threads = max(1, int(limits["threads"]))
+            llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, self.threads, self.threads)
+        if "duty" in limits:
+            self.duty = min(1.0, max(0.05, float(limits["duty"])))
+
     def _cancelled(self, rid: int) -> bool:
         """Between tokens: has the parent cancelled this request (or asked us to stop)?"""
         while self.conn.poll():
             msg = self.conn.recv()
-            if msg[0] == "cancel" and msg[1] == rid:
+            if msg[0] == "limits":
+                self.apply_limits(msg[1])
+            elif msg[0] == "cancel" and msg[1] == rid:
                 return True
-            if msg[0] == "shutdown":
+            elif msg[0] == "shutdown":
                 self.backlog.append(msg)
                 return True
-            if msg[0] != "cancel":  # a cancel for an older request is stale; anything else waits its turn
+            elif msg[0] != "cancel":  # a cancel for an older request is stale; anything else waits its turn
                 self.backlog.append(msg)
         return False
 
@@ -223,6 +238,7 @@ class _Worker:
         stats = GenerationStats(tokens_in=len(tokens), stop="length")
         parts: list[str] = []
         t_first = t_last = 0.0
+        t_prev = time.perf_counter()
         for tok in self.llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
             if self.is_eog(self.vocab, tok):
                 stats.stop = "eos"
@@ -234,6 +250,9 @@ class _Worker:
             piece = decoder.decode(self.llm.detokenize([tok]))
             parts.append(piece)
             self.conn.send(("token", rid, piece))
+            if self.duty < 1.0:  # pacing: rest in proportion to the work, so the average load is `duty`
+                time.sleep((t_last - t_prev) * (1.0 - self.duty) / self.duty)
+            t_prev = time.perf_counter()
             if self._cancelled(rid):
                 stats.stop = "cancelled"
                 break
@@ -254,7 +273,9 @@ class _Worker:
             msg = self.backlog.pop(0) if self.backlog else self.conn.recv()
             if msg[0] == "shutdown":
                 return
-            if msg[0] == "generate":
+            if msg[0] == "limits":
+                self.apply_limits(msg[1])
+            elif msg[0] == "generate":
                 _, rid, prompt, max_tokens, temperature, seed = msg
                 try:
                     self.generate(rid, prompt, max_tokens, temperature, seed)
@@ -306,6 +327,8 @@ class Engine:
         self.last_progress = time.monotonic()
         self.busy = False
         self.bad_cpu: list[str] = list(settings.exclude_cpu)
+        self._send_lock = threading.Lock()  # the scheduler thread and the governor both send
+        self.duty = 1.0
 
     @property
     def pid(self) -> int | None:
@@ -405,10 +428,12 @@ class Engine:
             self.busy = True
             self.last_progress = time.monotonic()
             try:
-                conn.send(("generate", rid, prompt, max_tokens, temperature, seed))
+                with self._send_lock:
+                    conn.send(("generate", rid, prompt, max_tokens, temperature, seed))
                 while True:
                     if not sent_cancel and cancelled():
-                        conn.send(("cancel", rid))
+                        with self._send_lock:
+                            conn.send(("cancel", rid))
                         sent_cancel = True
                     if not conn.poll(0.05):
                         if not self.alive():
@@ -445,6 +470,23 @@ class Engine:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def set_limits(self, threads: int | None = None, duty: float | None = None) -> None:
+        """Actuators for the governor, applied by the worker between tokens (or at once when idle)."""
+        limits: dict[str, float] = {}
+        if threads is not None:
+            limits["threads"] = threads
+            self.info.n_threads = threads
+        if duty is not None:
+            limits["duty"] = duty
+            self.duty = duty
+        conn = self._conn
+        if limits and conn is not None and self.alive():
+            with self._send_lock:
+                try:
+                    conn.send(("limits", limits))
+                except OSError:
+                    pass  # a dead worker is the keeper's business; the limits are sent again at start
 
     def kill(self) -> None:
         """Kill the worker without waiting for a request in progress (a hung worker holds no lock we need)."""

@@ -94,6 +94,7 @@ class Scheduler:
         temperature: float = 0.0,
         seed: int = 0,
         memory_mb: Callable[[], float] = lambda: 0.0,
+        admit: Callable[[Request], str | None] = lambda _r: None,
     ) -> None:
         self.engine = engine
         self.recorder = recorder
@@ -102,6 +103,8 @@ class Scheduler:
         self.temperature = temperature
         self.seed = seed
         self.memory_mb = memory_mb
+        self.admit = admit  # the governor's admission check: None to go ahead, or the reason to refuse
+        self.paused = ""  # why the queue is paused (the governor's actuator); empty when running
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
         self._stopping = False
@@ -111,6 +114,16 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
+
+    def pause(self, reason: str) -> None:
+        """Hold queued requests (the one running finishes); they wait, subject to the queue's limits."""
+        with self._cond:
+            self.paused = reason
+
+    def resume(self) -> None:
+        with self._cond:
+            self.paused = ""
+            self._cond.notify_all()
 
     def depth(self) -> dict[str, int]:
         with self._cond:
@@ -156,7 +169,7 @@ class Scheduler:
     def _next(self) -> Request | None:
         with self._cond:
             while not self._stopping:
-                for c in CLASSES:
+                for c in CLASSES if not self.paused else ():
                     if self._queues[c]:
                         self.current = self._queues[c].popleft()
                         return self.current
@@ -183,6 +196,10 @@ class Scheduler:
         wait_s = started - req.created
         if req.cancelled:
             self._finish(req, Result("cancelled", error="cancelled before it started", queue_wait_s=wait_s))
+            return
+        refusal = self.admit(req)
+        if refusal:
+            self._finish(req, Result("refused", error=refusal, queue_wait_s=wait_s))
             return
         if not self.wait_ready(10.0):
             self._finish(req, Result("error", error="the engine is not available; see /status", queue_wait_s=wait_s))

@@ -93,6 +93,7 @@ class Supervisor:
                 self.status_lines,
                 self.log_lines,
                 c.model.max_tokens,
+                on_eof=self.stopping.set if c.console.device == "stdio" else None,
             )
 
     # -- memory --------------------------------------------------------------------------------------------
