@@ -5,3 +5,9 @@ bench: bench-decode
 
 bench-decode: venv speed-model
 	$(PY) bench/decode.py --model $(SPEED_MODEL) --threads 2
+
+.PHONY: bench-scheduling
+bench: bench-scheduling
+
+bench-scheduling: venv speed-model
+	$(PY) bench/scheduling.py --model $(SPEED_MODEL)

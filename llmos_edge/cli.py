@@ -21,6 +21,7 @@ examples:
   llmos run --config examples/dev.yaml --console stdio   talk to it on this terminal
   llmos check-config /etc/llmos/llmos.yaml                validate a config file
   llmos logs -n 20                                       the last 20 requests
+  llmos submit "reverse stone"                           a background request to the running supervisor
 """
 
 
@@ -132,6 +133,46 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _socket(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    return _with_overrides(load_layers(args.config), args).config.scheduler.control_socket
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+
+    msg = {"op": "submit", "prompt": args.prompt, "priority": args.priority, "wait": not args.no_wait}
+    if args.max_tokens:
+        msg["max_tokens"] = args.max_tokens
+    done: dict[str, object] = {}
+    for reply in call(_socket(args), msg):
+        if "accepted" in reply and args.no_wait:
+            print(f"accepted as request {reply['accepted']}")
+        elif "token" in reply:
+            sys.stdout.write(reply["token"])
+            sys.stdout.flush()
+        elif "done" in reply:
+            done = reply["done"]
+    if args.no_wait:
+        return 0
+    print()
+    if args.json:
+        print(json.dumps(done), file=sys.stderr)
+    if done.get("outcome") != "ok":
+        print(f"llmos: {done.get('outcome')}: {done.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+
+    for reply in call(_socket(args), {"op": "status"}, timeout=10):
+        print("\n".join(reply["status"]))
+    return 0
+
+
 def cmd_config_reference(_args: argparse.Namespace) -> int:
     print(reference(), end="")
     return 0
@@ -194,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model-info", help="read a GGUF file's header: name, quantization, parameters")
     m.add_argument("path", metavar="MODEL.gguf")
     m.set_defaults(func=cmd_model_info)
+
+    sm = sub.add_parser("submit", help="send a request to the running supervisor (background priority by default)")
+    sm.add_argument("prompt", metavar="PROMPT")
+    sm.add_argument("--priority", choices=["background", "interactive"], default="background")
+    sm.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: model.max_tokens)")
+    sm.add_argument("--no-wait", action="store_true", help="return once accepted; the answer goes to the log")
+    sm.add_argument("--json", action="store_true", help="print the request's metrics as JSON on stderr")
+    sm.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    sm.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    sm.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="the running supervisor's /status")
+    st.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    st.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    st.set_defaults(func=cmd_status)
 
     ref = sub.add_parser("config-reference", help="print every config key with its default, as Markdown")
     ref.set_defaults(func=cmd_config_reference)

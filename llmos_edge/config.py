@@ -90,6 +90,23 @@ class SchedulerConfig:
         minimum=1,
         maximum=10000,
     )
+    aging: float = setting(
+        30.0,
+        "Seconds a background request may wait before it goes ahead of interactive ones (and is no longer "
+        "preempted): background work is never starved.",
+        minimum=0.0,
+    )
+    deadline_interactive: float = setting(
+        120.0, "Longest wait in the queue for an interactive request before it is answered busy.", minimum=1.0
+    )
+    deadline_background: float = setting(
+        3600.0, "Longest wait in the queue for a background request before it is answered busy.", minimum=1.0
+    )
+    control_socket: str = setting(
+        "/run/llmos/control.sock",
+        "Unix socket for `llmos submit` and `llmos status` on the device (local only, never a network port); "
+        "none disables it.",
+    )
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ class _Worker:
         self.backlog: list[tuple[Any, ...]] = []
         self.duty = 1.0
         self.threads = 0
+        self.suspended: dict[int, _Job] = {}
 
     def load(self) -> EngineInfo:
         from llama_cpp import Llama
@@ -209,78 +210,132 @@ class _Worker:
         if "duty" in limits:
             self.duty = min(1.0, max(0.05, float(limits["duty"])))
 
-    def _cancelled(self, rid: int) -> bool:
-        """Between tokens: has the parent cancelled this request (or asked us to stop)?"""
+    def _control(self, rid: int) -> str:
+        """Between tokens: messages for the running job. Returns "" to go on, "cancel" or "preempt"."""
         while self.conn.poll():
             msg = self.conn.recv()
             if msg[0] == "limits":
                 self.apply_limits(msg[1])
-            elif msg[0] == "cancel" and msg[1] == rid:
-                return True
+            elif msg[0] in ("cancel", "preempt") and msg[1] == rid:
+                return str(msg[0])
             elif msg[0] == "shutdown":
                 self.backlog.append(msg)
-                return True
-            elif msg[0] != "cancel":  # a cancel for an older request is stale; anything else waits its turn
+                return "cancel"
+            elif msg[0] not in ("cancel", "preempt"):  # those, for an older job, are stale; the rest wait their turn
                 self.backlog.append(msg)
-        return False
+        return ""
 
-    def generate(self, rid: int, prompt: str, max_tokens: int, temperature: float, seed: int) -> None:
+    def start_job(self, rid: int, prompt: str, max_tokens: int, seed: int) -> _Job | None:
         t0 = time.perf_counter()
         text, add_bos = _prompt_text(self.llm, prompt)
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=not add_bos)
         n_ctx = self.llm.n_ctx()
         if len(tokens) >= n_ctx:
             self.conn.send(("error", rid, f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}"))
-            return
-        budget = min(max_tokens, n_ctx - len(tokens))
+            return None
         self.llm.set_seed(seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stats = GenerationStats(tokens_in=len(tokens), stop="length")
-        parts: list[str] = []
-        t_first = t_last = 0.0
-        t_prev = time.perf_counter()
-        for tok in self.llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+        return _Job(
+            rid=rid,
+            tokens=tokens,
+            budget=min(max_tokens, n_ctx - len(tokens)),
+            stats=GenerationStats(tokens_in=len(tokens), stop="length"),
+            decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            t0=t0,
+        )
+
+    def run_job(self, job: _Job, temperature: float) -> None:
+        """Generate until EOS, the budget, a cancel, or a preemption (then the job is kept, with llama.cpp's saved
+        state, to be resumed later exactly where it stopped)."""
+        stats = job.stats
+        t_prev: float | None = None
+        work_start = time.perf_counter()
+        gen = self.llm.generate(job.tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
+        for tok in gen:
             if self.is_eog(self.vocab, tok):
                 stats.stop = "eos"
                 break
-            t_last = time.perf_counter()
+            now = time.perf_counter()
             if stats.tokens_out == 0:
-                t_first = t_last
+                stats.ttft_s = now - job.t0
+            elif t_prev is not None:
+                job.decode_s += now - t_prev
+                job.decode_n += 1
+            t_prev = now
+            job.tokens.append(tok)
             stats.tokens_out += 1
-            piece = decoder.decode(self.llm.detokenize([tok]))
-            parts.append(piece)
-            self.conn.send(("token", rid, piece))
+            piece = job.decoder.decode(self.llm.detokenize([tok]))
+            job.parts.append(piece)
+            self.conn.send(("token", job.rid, piece))
             if self.duty < 1.0:  # pacing: rest in proportion to the work, so the average load is `duty`
-                time.sleep((t_last - t_prev) * (1.0 - self.duty) / self.duty)
-            t_prev = time.perf_counter()
-            if self._cancelled(rid):
+                time.sleep((now - work_start) * (1.0 - self.duty) / self.duty)
+            work_start = time.perf_counter()
+            if stats.tokens_out >= job.budget:
+                break
+            control = self._control(job.rid)
+            if control == "cancel":
                 stats.stop = "cancelled"
                 break
-            if stats.tokens_out >= budget:
-                break
-        tail = decoder.decode(b"", final=True)
+            if control == "preempt":
+                # The last token is sampled but not yet evaluated; the saved state holds everything before it,
+                # so resuming evaluates it exactly as the uninterrupted run would have.
+                gen.close()
+                job.state = self.llm.save_state()
+                self.suspended[job.rid] = job
+                self.conn.send(("preempted", job.rid, replace(stats, stop="preempted", text="".join(job.parts))))
+                return
+        tail = job.decoder.decode(b"", final=True)
         if tail:
-            parts.append(tail)
-            self.conn.send(("token", rid, tail))
-        stats.ttft_s = (t_first - t0) if stats.tokens_out else 0.0
-        if stats.tokens_out > 1 and t_last > t_first:
-            stats.decode_tok_s = (stats.tokens_out - 1) / (t_last - t_first)
-        stats.text = "".join(parts)
-        self.conn.send(("done", rid, stats))
+            job.parts.append(tail)
+            self.conn.send(("token", job.rid, tail))
+        if job.decode_n and job.decode_s > 0:
+            stats.decode_tok_s = job.decode_n / job.decode_s
+        stats.text = "".join(job.parts)
+        self.conn.send(("done", job.rid, stats))
 
     def serve(self) -> None:
         while True:
             msg = self.backlog.pop(0) if self.backlog else self.conn.recv()
-            if msg[0] == "shutdown":
-                return
-            if msg[0] == "limits":
-                self.apply_limits(msg[1])
-            elif msg[0] == "generate":
-                _, rid, prompt, max_tokens, temperature, seed = msg
-                try:
-                    self.generate(rid, prompt, max_tokens, temperature, seed)
-                except Exception as e:  # a failed request must not end the worker
-                    self.conn.send(("error", rid, f"generation failed: {e}"))
+            kind = msg[0]
+            try:
+                if kind == "shutdown":
+                    return
+                if kind == "limits":
+                    self.apply_limits(msg[1])
+                elif kind == "generate":
+                    _, rid, prompt, max_tokens, temperature, seed = msg
+                    job = self.start_job(rid, prompt, max_tokens, seed)
+                    if job is not None:
+                        self.run_job(job, temperature)
+                elif kind == "resume":
+                    _, rid, temperature = msg
+                    job = self.suspended.pop(rid, None)
+                    if job is None:
+                        self.conn.send(("error", rid, "the paused generation was lost when the engine restarted"))
+                    else:
+                        self.llm.load_state(job.state)
+                        job.state = None
+                        self.run_job(job, temperature)
+                elif kind == "drop":
+                    self.suspended.pop(msg[1], None)
+            except Exception as e:  # a failed request must not end the worker
+                if kind in ("generate", "resume"):
+                    self.conn.send(("error", msg[1], f"generation failed: {e}"))
+
+
+@dataclass
+class _Job:
+    """One generation in the worker: its tokens so far, and while preempted, llama.cpp's saved state."""
+
+    rid: int
+    tokens: list[int]
+    budget: int
+    stats: GenerationStats
+    decoder: Any
+    t0: float
+    parts: list[str] = field(default_factory=list)
+    decode_s: float = 0.0
+    decode_n: int = 0
+    state: Any = None
 
 
 def worker_main(fd: int) -> None:
@@ -413,8 +468,14 @@ class Engine:
         cancelled: Callable[[], bool],
         temperature: float = 0.0,
         seed: int = 0,
+        *,
+        job: int = 0,
+        resume: bool = False,
+        preempt: Callable[[], bool] = lambda: False,
     ) -> GenerationStats:
-        """Run one request, calling on_token for each piece of text. Cancellation is polled between tokens.
+        """Run one request, calling on_token for each piece of text. Cancellation and preemption are polled
+        between tokens. A preempted job returns stats with stop="preempted"; call again with the same `job` and
+        `resume=True` to continue it exactly where it stopped.
 
         Raises EngineError if the worker dies, or produces nothing for `progress_timeout` seconds (then it is
         killed, so the supervisor restarts it)."""
@@ -422,19 +483,28 @@ class Engine:
             if not self.alive() or self._conn is None:
                 raise EngineError("the engine is not running")
             conn = self._conn
-            self._rid += 1
-            rid = self._current = self._rid
-            sent_cancel = False
+            if not job:
+                self._rid -= 1  # ids of our own below zero never meet a caller's job id
+                job = self._rid
+            rid = self._current = job
+            sent_cancel = sent_preempt = False
             self.busy = True
             self.last_progress = time.monotonic()
             try:
                 with self._send_lock:
-                    conn.send(("generate", rid, prompt, max_tokens, temperature, seed))
+                    if resume:
+                        conn.send(("resume", rid, temperature))
+                    else:
+                        conn.send(("generate", rid, prompt, max_tokens, temperature, seed))
                 while True:
                     if not sent_cancel and cancelled():
                         with self._send_lock:
                             conn.send(("cancel", rid))
                         sent_cancel = True
+                    if not sent_preempt and not sent_cancel and preempt():
+                        with self._send_lock:
+                            conn.send(("preempt", rid))
+                        sent_preempt = True
                     if not conn.poll(0.05):
                         if not self.alive():
                             raise EngineError(f"the engine crashed ({self.exit_description()})")
@@ -450,7 +520,7 @@ class Engine:
                     self.last_progress = time.monotonic()
                     if msg[0] == "token":
                         on_token(msg[2])
-                    elif msg[0] == "done":
+                    elif msg[0] in ("done", "preempted"):
                         stats: GenerationStats = msg[2]
                         return stats
                     elif msg[0] == "error":
@@ -470,6 +540,16 @@ class Engine:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def discard(self, job: int) -> None:
+        """Forget a preempted job that will not be resumed (it was cancelled while paused)."""
+        conn = self._conn
+        if conn is not None and self.alive():
+            with self._send_lock:
+                try:
+                    conn.send(("drop", job))
+                except OSError:
+                    pass
 
     def set_limits(self, threads: int | None = None, duty: float | None = None) -> None:
         """Actuators for the governor, applied by the worker between tokens (or at once when idle)."""

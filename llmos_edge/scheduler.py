@@ -1,14 +1,21 @@
 """The request queue: every request from every front-end goes through here, never to the engine directly.
 
-Priority classes (interactive before background), FIFO within a class, a bounded queue that refuses at once when
-full, cancellation from any front-end, and one runner thread that feeds the engine one request at a time and
-records each request in the store.
+- Priority classes: interactive (console, voice) before background (`llmos submit`), FIFO within a class.
+- Aging: a background request that has waited `aging_s` is served next and is no longer preempted, so background
+  work is never starved, however busy the console is.
+- Deadlines: a request that waited longer than its class's deadline is answered at once with a clear
+  "busy, try again in N s" instead of running late.
+- Bounded: a full queue refuses at once, with the reason.
+- Preemption: an interactive request arriving while a background generation runs pauses it (llama.cpp's state is
+  saved in the worker); the interactive one is served, then the background one resumes exactly where it stopped.
+- Cancellation from any front-end, queued or running; admission by the governor before a request starts.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -38,7 +45,13 @@ class EngineLike(Protocol):
         cancelled: Callable[[], bool],
         temperature: float = 0.0,
         seed: int = 0,
+        *,
+        job: int = 0,
+        resume: bool = False,
+        preempt: Callable[[], bool] = lambda: False,
     ) -> GenerationStats: ...
+
+    def discard(self, job: int) -> None: ...
 
 
 class Recorder(Protocol):
@@ -65,11 +78,17 @@ class Request:
     max_tokens: int = 128
     on_token: Callable[[str], None] = lambda _t: None
     on_done: Callable[[Result], None] = lambda _r: None
+    deadline_s: float | None = None  # longest wait in the queue; None: the scheduler's default for the class
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     result: Result | None = None
+    preemptions: int = 0
+    paused: bool = False  # preempted: the worker holds its state, to be resumed
+    aged: bool = False  # waited past the aging limit: served next and never preempted
+    started: float = 0.0  # monotonic time it first reached the engine
+    ran_s: float = 0.0  # time spent in the engine, over all its runs
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -90,6 +109,8 @@ class Scheduler:
         recorder: Recorder,
         *,
         queue_size: int = 16,
+        aging_s: float = 30.0,
+        deadlines: dict[str, float] | None = None,
         wait_ready: Callable[[float], bool] = lambda _t: True,
         temperature: float = 0.0,
         seed: int = 0,
@@ -99,6 +120,8 @@ class Scheduler:
         self.engine = engine
         self.recorder = recorder
         self.queue_size = queue_size
+        self.aging_s = aging_s
+        self.deadlines = deadlines or {"interactive": 120.0, "background": 3600.0}
         self.wait_ready = wait_ready
         self.temperature = temperature
         self.seed = seed
@@ -110,13 +133,27 @@ class Scheduler:
         self._stopping = False
         self.current: Request | None = None
         self.last_stats: GenerationStats | None = None
+        self.preemptions = 0
+        self._service_s = 2.0  # moving average of a request's time in the engine, for "try again in N s"
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        # Deadlines expire while the runner is busy in a long generation: a second thread answers them on time.
+        self._reaper = threading.Thread(target=self._reap, name="scheduler-deadlines", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                self._expire(time.monotonic())
+                self._cond.wait(0.25)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def pause(self, reason: str) -> None:
-        """Hold queued requests (the one running finishes); they wait, subject to the queue's limits."""
+        """Hold queued requests (the one running finishes); they wait, subject to their deadlines."""
         with self._cond:
             self.paused = reason
 
@@ -134,19 +171,25 @@ class Scheduler:
         with self._cond:
             return self.current is None and not any(self._queues.values())
 
+    def find(self, request_id: int) -> Request | None:
+        with self._cond:
+            for r in [self.current, *self._queues["interactive"], *self._queues["background"]]:
+                if r is not None and r.id == request_id:
+                    return r
+        return None
+
     def submit(self, req: Request) -> Request:
         with self._cond:
             if self._stopping:
                 raise Refused("shutting down; try again after the restart")
             if sum(len(q) for q in self._queues.values()) >= self.queue_size:
-                self._finish(
-                    req,
-                    Result(
-                        "refused",
-                        error=f"busy: the queue is full ({self.queue_size} requests); try again in a moment",
-                    ),
+                msg = (
+                    f"busy: the queue is full ({self.queue_size} requests); try again in {self._eta(self.queue_size)} s"
                 )
-                raise Refused(req.result.error if req.result else "busy")
+                self._finish(req, Result("refused", error=msg))
+                raise Refused(msg)
+            if req.deadline_s is None:
+                req.deadline_s = self.deadlines.get(req.priority)
             self._queues[req.priority].append(req)
             self._cond.notify_all()
         return req
@@ -166,20 +209,56 @@ class Scheduler:
         self.cancel_all()
         self._thread.join(timeout)
 
+    # -- choosing the next request ---------------------------------------------------------------------------
+    def _eta(self, ahead: int) -> int:
+        return max(1, math.ceil(self._service_s * (ahead + 1)))
+
+    def _expire(self, now: float) -> None:
+        """Answer, at once, every queued request that has waited past its deadline (lock held)."""
+        for q in self._queues.values():
+            for r in [r for r in q if r.deadline_s is not None and now - r.created > r.deadline_s and not r.paused]:
+                q.remove(r)
+                ahead = sum(len(x) for x in self._queues.values()) + (self.current is not None)
+                self._finish(
+                    r,
+                    Result(
+                        "refused",
+                        error=f"busy: waited {now - r.created:.1f} s for the engine (deadline {r.deadline_s:g} s);"
+                        f" try again in {self._eta(ahead)} s",
+                        queue_wait_s=now - r.created,
+                    ),
+                )
+
+    def _pick(self, now: float) -> Request | None:
+        """Interactive first; but a background request that has waited `aging_s` goes before anything (lock held)."""
+        bg, inter = self._queues["background"], self._queues["interactive"]
+        if bg and (bg[0].aged or now - bg[0].created >= self.aging_s):
+            bg[0].aged = True
+            return bg.popleft()
+        if inter:
+            return inter.popleft()
+        return bg.popleft() if bg else None
+
     def _next(self) -> Request | None:
         with self._cond:
             while not self._stopping:
-                for c in CLASSES if not self.paused else ():
-                    if self._queues[c]:
-                        self.current = self._queues[c].popleft()
-                        return self.current
-                self._cond.wait(0.5)
+                now = time.monotonic()
+                self._expire(now)
+                req = None if self.paused else self._pick(now)
+                if req is not None:
+                    self.current = req
+                    return req
+                self._cond.wait(0.25)
             # Shutting down: whatever is still queued gets a clear answer, not silence.
             for q in self._queues.values():
                 while q:
                     self._finish(q.popleft(), Result("cancelled", error="shutting down"))
             return None
 
+    def _should_preempt(self, req: Request) -> bool:
+        return req.priority == "background" and not req.aged and bool(self._queues["interactive"])
+
+    # -- running it --------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while (req := self._next()) is not None:
             try:
@@ -192,19 +271,23 @@ class Scheduler:
                     self.current = None
 
     def _serve(self, req: Request) -> None:
-        started = time.monotonic()
-        wait_s = started - req.created
+        now = time.monotonic()
+        wait_s = now - req.created - req.ran_s
         if req.cancelled:
-            self._finish(req, Result("cancelled", error="cancelled before it started", queue_wait_s=wait_s))
+            if req.paused:
+                self.engine.discard(req.id)
+            self._finish(req, Result("cancelled", error="cancelled before it finished", queue_wait_s=wait_s))
             return
-        refusal = self.admit(req)
-        if refusal:
-            self._finish(req, Result("refused", error=refusal, queue_wait_s=wait_s))
-            return
+        if not req.paused:
+            refusal = self.admit(req)
+            if refusal:
+                self._finish(req, Result("refused", error=refusal, queue_wait_s=wait_s))
+                return
         if not self.wait_ready(10.0):
             self._finish(req, Result("error", error="the engine is not available; see /status", queue_wait_s=wait_s))
             return
         rss_start = self.memory_mb()
+        req.started = req.started or now
         try:
             stats = self.engine.generate(
                 req.prompt,
@@ -213,10 +296,24 @@ class Scheduler:
                 lambda: req.cancelled,
                 temperature=self.temperature,
                 seed=self.seed,
+                job=req.id,
+                resume=req.paused,
+                preempt=lambda: self._should_preempt(req),
             )
         except EngineError as e:
             self._finish(req, Result("error", error=str(e), queue_wait_s=wait_s), rss_start)
             return
+        finally:
+            req.ran_s += time.monotonic() - now
+        if stats.stop == "preempted":
+            req.paused = True
+            req.preemptions += 1
+            self.preemptions += 1
+            log.info("request %d preempted after %d tokens", req.id, stats.tokens_out)
+            with self._cond:
+                self._queues["background"].appendleft(req)  # first in line to resume
+            return
+        self._service_s = 0.8 * self._service_s + 0.2 * req.ran_s
         self.last_stats = stats
         outcome: Outcome = "cancelled" if stats.stop == "cancelled" else "ok"
         self._finish(req, Result(outcome, text=stats.text, stats=stats, queue_wait_s=wait_s), rss_start)
@@ -236,6 +333,7 @@ class Scheduler:
                     "queue_wait_ms": round(result.queue_wait_s * 1000, 2),
                     "ttft_ms": round(s.ttft_s * 1000, 2),
                     "tok_s": round(s.decode_tok_s, 2),
+                    "preemptions": req.preemptions,
                     "outcome": result.outcome,
                     "error": result.error,
                     "created_at": time.time() - (time.monotonic() - req.created),

@@ -73,8 +73,12 @@ def _v1(db: sqlite_utils.Database) -> None:
     db.table("events").create_index(["at"])
 
 
+def _v2_preemptions(db: sqlite_utils.Database) -> None:
+    db.table("requests").add_column("preemptions", int)
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions]
 
 
 class Store:

@@ -24,6 +24,7 @@ import sdnotify
 from llmos_edge import __version__
 from llmos_edge.config import Config, LoadedConfig
 from llmos_edge.console import Console
+from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineError, EngineSettings
 from llmos_edge.errors import UserError
 from llmos_edge.models import GGUFInfo, read_gguf
@@ -77,11 +78,18 @@ class Supervisor:
             self.engine,
             self.store,
             queue_size=c.scheduler.queue_size,
+            aging_s=c.scheduler.aging,
+            deadlines={"interactive": c.scheduler.deadline_interactive, "background": c.scheduler.deadline_background},
             wait_ready=self.engine_ready.wait,
             temperature=c.model.temperature,
             seed=c.model.seed,
             memory_mb=self._engine_rss_mb,
         )
+        self.control: ControlServer | None = None
+        if c.scheduler.control_socket != "none":
+            self.control = ControlServer(
+                c.scheduler.control_socket, self.scheduler, self.status_lines, c.model.max_tokens
+            )
         self.console: Console | None = None
         if c.console.device != "none":
             self.console = Console(
@@ -278,7 +286,7 @@ class Supervisor:
         self.notifier.notify(f"STATUS={self.status_line()}")
 
     def _healthy(self) -> bool:
-        threads_ok = self._keeper.is_alive() and self.scheduler._thread.is_alive()
+        threads_ok = self._keeper.is_alive() and self.scheduler.alive()
         if self.engine.busy:
             return threads_ok and time.monotonic() - self.engine.last_progress < self.cfg.engine.progress_timeout
         return threads_ok
@@ -303,6 +311,13 @@ class Supervisor:
         self.scheduler.start()
         if self.console is not None:
             self.console.start()
+        if self.control is not None:
+            try:
+                self.control.start()
+            except UserError as e:
+                log.error("%s", e)
+                self.store.event("control_socket_failed", str(e))
+                self.control = None
         self._wait_until_steady()
         interval = _watchdog_interval()
         last_ping = 0.0
@@ -324,6 +339,8 @@ class Supervisor:
         if self.console is not None:
             self.console.write("\n[llmos-edge is shutting down]\n")
             self.console.stop()
+        if self.control is not None:
+            self.control.stop()
         self.scheduler.stop(timeout=1.5)
         self.engine.stop(timeout=1.0)
         self.store.event("stop", f"clean shutdown in {time.monotonic() - t0:.2f} s")

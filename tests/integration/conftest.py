@@ -60,9 +60,11 @@ class Appliance:
     def __init__(self, tmp: Path, config: str = "", override: str | None = None, model: Path = MODEL) -> None:
         self.tmp = tmp
         self.db = tmp / "llmos.db"
+        self.socket = tmp / "control.sock"
         cfg = tmp / "llmos.yaml"
         cfg.write_text(
-            f"model:\n  path: {model}\n  threads: 2\ndatabase:\n  path: {self.db}\n" + config
+            f"model:\n  path: {model}\n  threads: 2\ndatabase:\n  path: {self.db}\n"
+            f"scheduler:\n  control_socket: {self.socket}\n" + config
         )
         self.master, self.slave = os.openpty()
         os.set_blocking(self.master, False)
@@ -74,7 +76,10 @@ class Appliance:
         cmd += ["--console", os.ttyname(self.slave)]
         self.log = (tmp / "supervisor.log").open("w+")
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "2000000"},
         )
         self.console = ConsoleClient(FdPort(self.master, self.master))
@@ -88,6 +93,16 @@ class Appliance:
     def output(self) -> str:
         self.log.flush()
         return (self.tmp / "supervisor.log").read_text()
+
+    def llmos(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The `llmos` command against this supervisor's control socket."""
+        return subprocess.run(
+            [sys.executable, "-m", "llmos_edge.cli", *args, "--socket", str(self.socket)],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def engine_pid(self) -> int:
         return int(self.console.status()["engine"].split(",")[0].removeprefix("pid "))

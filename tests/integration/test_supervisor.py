@@ -57,8 +57,10 @@ def test_sigkilled_worker_is_back_and_answering_within_5_s(appliance: Appliance)
     st = appliance.console.status()
     assert st["uptime"].endswith("engine restarts: 1")
     db = sqlite3.connect(appliance.db)
-    assert db.execute("SELECT message FROM events WHERE kind='engine_restart'").fetchone()[0].startswith(
-        "engine killed by signal SIGKILL"
+    assert (
+        db.execute("SELECT message FROM events WHERE kind='engine_restart'")
+        .fetchone()[0]
+        .startswith("engine killed by signal SIGKILL")
     )
 
 
@@ -132,7 +134,10 @@ def test_sigterm_exits_cleanly_within_5_s_with_a_sound_database(appliance: Appli
     db = sqlite3.connect(appliance.db)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT exit_reason FROM starts").fetchone()[0] == "SIGTERM"
-    assert not (appliance.db.parent / "llmos.db-wal").exists() or (appliance.db.parent / "llmos.db-wal").stat().st_size == 0
+    assert (
+        not (appliance.db.parent / "llmos.db-wal").exists()
+        or (appliance.db.parent / "llmos.db-wal").stat().st_size == 0
+    )
 
 
 def test_an_invalid_override_falls_back_and_says_so(appliance_factory: type[Appliance]) -> None:
@@ -162,8 +167,43 @@ def test_a_corrupt_model_is_reported_not_crashed_on(appliance_factory: type[Appl
 
 def test_logs_command_prints_recent_requests(appliance: Appliance) -> None:
     appliance.console.ask("reverse stone")
-    out = subprocess.run([sys.executable, "-m", "llmos_edge.cli", "logs", "--db", str(appliance.db), "-n", "1",
-                          "--json"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos_edge.cli", "logs", "--db", str(appliance.db), "-n", "1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     row = json.loads(out)
     assert row["prompt"] == "reverse stone" and row["answer"] == "enots" and row["outcome"] == "ok"
     assert row["tokens_out"] > 0 and row["tok_s"] > 0 and row["ttft_ms"] > 0
+
+
+def test_submit_and_status_through_the_control_socket(appliance: Appliance) -> None:
+    out = appliance.llmos("submit", "reverse stone", "--json")
+    assert out.stdout.strip() == "enots"
+    metrics = json.loads(out.stderr.strip().splitlines()[-1])
+    assert metrics["outcome"] == "ok" and metrics["tokens_out"] > 0
+    assert "state: ready" in appliance.llmos("status").stdout
+    bad = appliance.llmos("submit", "   ", check=False)
+    assert bad.returncode == 2 and "llmos: error: submit needs a non-empty prompt" in bad.stderr
+    db = sqlite3.connect(appliance.db)
+    assert db.execute("SELECT source, priority FROM requests WHERE prompt='reverse stone'").fetchone() == (
+        "submit",
+        "background",
+    )
+
+
+def test_a_crash_loop_puts_the_supervisor_in_degraded_mode(appliance: Appliance) -> None:
+    for i in range(5):
+        pid = appliance.engine_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while i < 4 and time.monotonic() < deadline:  # wait for the restarted engine, then kill it again
+            time.sleep(0.2)
+            st = appliance.console.status()
+            if st["state"] == "ready" and not st["engine"].startswith(f"pid {pid},"):
+                break
+    st = appliance.console.status()
+    assert st["state"].startswith("degraded (crash loop: 5 restarts within 60 s"), st
+    assert appliance.proc.poll() is None
+    assert "crash loop" in appliance.llmos("status").stdout

@@ -11,20 +11,37 @@ from llmos_edge.scheduler import Refused, Request, Result, Scheduler
 
 
 class ScriptedEngine:
-    """Answers each prompt with its reversed text, one character per token; can be held at a gate."""
+    """Answers each prompt with its reversed text, one character per token; can be held at a gate; keeps the
+    progress of a preempted job so that it resumes where it stopped."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()
         self.order: list[str] = []
+        self.paused: dict[int, GenerationStats] = {}
+        self.discarded: list[int] = []
 
-    def generate(self, prompt: str, max_tokens: int, on_token: Callable[[str], None],
-                 cancelled: Callable[[], bool], temperature: float = 0.0, seed: int = 0) -> GenerationStats:
-        self.order.append(prompt)
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int,
+        on_token: Callable[[str], None],
+        cancelled: Callable[[], bool],
+        temperature: float = 0.0,
+        seed: int = 0,
+        *,
+        job: int = 0,
+        resume: bool = False,
+        preempt: Callable[[], bool] = lambda: False,
+    ) -> GenerationStats:
+        self.order.append(prompt + (" (resumed)" if resume else ""))
         if prompt == "crash":
             raise EngineError("the engine crashed (killed by signal SIGKILL)")
-        stats = GenerationStats(tokens_in=len(prompt), stop="eos")
-        for ch in prompt[::-1][:max_tokens]:
+        stats = self.paused.pop(job) if resume else GenerationStats(tokens_in=len(prompt), stop="eos")
+        for ch in prompt[::-1][stats.tokens_out : max_tokens]:
+            if preempt():
+                self.paused[job] = stats
+                return GenerationStats(tokens_out=stats.tokens_out, stop="preempted", text=stats.text)
             self.gate.wait(5)
             if cancelled():
                 stats.stop = "cancelled"
@@ -33,7 +50,12 @@ class ScriptedEngine:
             stats.text += ch
             stats.tokens_out += 1
             time.sleep(0.002)
+        else:
+            stats.stop = "eos"
         return stats
+
+    def discard(self, job: int) -> None:
+        self.discarded.append(job)
 
 
 class Rows:
@@ -76,7 +98,73 @@ def test_interactive_goes_before_background_and_fifo_within_a_class(
     eng.gate.set()
     for r in (first, b2, i1, i2):
         assert r.wait(5) is not None
-    assert eng.order == ["first", "i1", "i2", "b2"]
+    # "first" is paused for the interactive ones, then resumes before any other background work
+    assert eng.order == ["first", "i1", "i2", "first (resumed)", "b2"]
+    assert first.result is not None and first.result.text == "tsrif" and first.preemptions == 1
+
+
+def test_a_preempted_request_streams_every_token_once_in_order() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+    s = Scheduler(eng, rows)
+    s.start()
+    got: list[str] = []
+    eng.gate.clear()
+    bg = s.submit(Request("abcdefgh", priority="background", on_token=got.append))
+    time.sleep(0.1)
+    s.submit(Request("xy"))
+    eng.gate.set()
+    res = bg.wait(5)
+    s.stop()
+    assert res is not None and res.text == "hgfedcba" and "".join(got) == "hgfedcba"
+    assert rows.rows[-1]["preemptions"] == 1
+
+
+def test_aged_background_work_goes_first_and_is_not_preempted() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+    s = Scheduler(eng, rows, aging_s=0.2)
+    eng.gate.clear()
+    s.start()
+    s.submit(Request("running"))
+    time.sleep(0.1)
+    old = s.submit(Request("old", priority="background"))
+    time.sleep(0.3)  # "old" is now past the aging limit
+    s.submit(Request("new"))
+    eng.gate.set()
+    assert old.wait(5) is not None
+    s.stop()
+    assert eng.order[:3] == ["running", "old", "new"] and old.preemptions == 0
+
+
+def test_a_request_past_its_deadline_is_answered_busy_with_a_retry_hint() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+    s = Scheduler(eng, rows, deadlines={"interactive": 0.3, "background": 100})
+    eng.gate.clear()
+    s.start()
+    s.submit(Request("long running job"))
+    time.sleep(0.05)
+    late = s.submit(Request("late"))
+    res = late.wait(3)
+    eng.gate.set()
+    s.stop()
+    assert res is not None and res.outcome == "refused"
+    assert res.error.startswith("busy: waited 0.") and "(deadline 0.3 s); try again in " in res.error
+    assert "late" not in eng.order
+
+
+def test_cancelling_a_paused_request_discards_its_saved_state() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+    s = Scheduler(eng, rows)
+    s.start()
+    bg = s.submit(Request("b" * 2000, priority="background"))
+    time.sleep(0.1)
+    eng.gate.clear()  # hold the interactive request once it runs, so bg stays paused meanwhile
+    s.submit(Request("xy"))
+    time.sleep(0.1)
+    bg.cancel()
+    eng.gate.set()
+    res = bg.wait(5)
+    s.stop()
+    assert res is not None and res.outcome == "cancelled" and eng.discarded == [bg.id]
 
 
 def test_a_full_queue_refuses_at_once_with_a_reason(setup: tuple[ScriptedEngine, Rows, Scheduler]) -> None:

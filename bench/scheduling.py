@@ -1,0 +1,101 @@
+"""Time to first token of an interactive (console) request while a background generation runs, against the
+same request on an idle appliance, measured in the same run. The background job is preempted (its llama.cpp state
+saved) so the interactive one should not wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_section
+from tests.integration.conftest import Appliance
+
+QUESTION = "hello"
+
+
+def ttft(app: Appliance) -> float:
+    """Seconds from Enter to the first byte of the answer, as the person at the console sees it."""
+    c = app.console
+    c.send(QUESTION + "\r")
+    c.read_until(QUESTION.encode() + b"\r\n", 30)  # the echo and the newline before the answer
+    t0 = time.perf_counter()
+    while not (chunk := c.port.read(4096)):
+        pass
+    t = time.perf_counter() - t0
+    c.buf += chunk
+    c.read_until(b"llmos> ", 120)
+    return t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        app = Appliance(
+            Path(tmp),
+            model=args.model,
+            override=f"model:\n  path: {args.model}\n  threads: 2\n  max_tokens: 32\nengine:\n  load_timeout: 300\n",
+        )
+        try:
+            app.wait_ready(300)
+            app.console.read_until(b"llmos> ", 30)
+            idle, busy = [], []
+            for r in range(args.rounds):
+                idle.append(ttft(app))
+                bg = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "llmos_edge.cli",
+                        "submit",
+                        "reverse benchmark",
+                        "--max-tokens",
+                        "400",
+                        "--socket",
+                        str(app.socket),
+                    ],
+                    stdout=subprocess.PIPE,
+                )
+                assert bg.stdout is not None
+                bg.stdout.read(1)  # the background generation is streaming
+                busy.append(ttft(app))
+                bg.wait(300)
+                print(f"round {r + 1}: idle {idle[-1] * 1000:.1f} ms, during background {busy[-1] * 1000:.1f} ms")
+        finally:
+            app.close()
+    ratio = statistics.median(busy) / statistics.median(idle)
+    print(
+        f"median idle {statistics.median(idle) * 1000:.1f} ms, "
+        f"busy {statistics.median(busy) * 1000:.1f} ms, ratio {ratio:.2f}"
+    )
+    body = (
+        f"Model: `{args.model.name}`, 2 threads; the interactive request is `{QUESTION}` typed on the console (pty); "
+        "the background request is `llmos submit` of a 400-token generation, started before each busy round. "
+        f"{args.rounds} alternating rounds; time from Enter to the first answer byte.\n\n"
+        "| condition | median TTFT ms | rounds (ms) |\n|---|---|---|\n"
+        f"| idle | {statistics.median(idle) * 1000:.1f} | {', '.join(f'{x * 1000:.0f}' for x in idle)} |\n"
+        f"| background job running | {statistics.median(busy) * 1000:.1f} | "
+        f"{', '.join(f'{x * 1000:.0f}' for x in busy)} |\n\n"
+        f"**Ratio busy / idle: {ratio:.2f}** (target <= 1.5)\n"
+    )
+    write_section(
+        "scheduling",
+        "Time to first token: interactive during a background job vs idle",
+        f"make bench-scheduling (python bench/scheduling.py --model {args.model.name})",
+        body,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The engine worker with the real model: streaming, cancel, preemption with exact resume, actuators."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmos_edge.engine import Engine, EngineSettings
+from tests.integration.conftest import MODEL
+
+SPEED_MODEL = Path(
+    os.environ.get("LLMOS_SPEED_MODEL", Path.home() / ".cache" / "llmos-edge" / "models" / "speed-50m-q4_k_m.gguf")
+)
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    e = Engine(EngineSettings(str(MODEL), n_ctx=512, n_threads=2))
+    e.start()
+    yield e
+    e.stop()
+
+
+def run(e: Engine, prompt: str, job: int, max_tokens: int = 64, stop_after: int = 0, resume: bool = False) -> str:
+    got: list[str] = []
+    stats = e.generate(
+        prompt,
+        max_tokens,
+        got.append,
+        lambda: False,
+        job=job,
+        resume=resume,
+        preempt=lambda: bool(stop_after) and len(got) >= stop_after,
+    )
+    assert "".join(got) == stats.text[len(stats.text) - len("".join(got)) :]
+    return "".join(got) + ("|" if stats.stop == "preempted" else "")
+
+
+def test_preempted_generation_resumes_exactly(engine: Engine) -> None:
+    whole = run(engine, "reverse abcdefghij", job=1)
+    assert whole == "jihgfedcba"
+    first = run(engine, "reverse abcdefghij", job=2, stop_after=3)
+    assert first.endswith("|") and 3 <= len(first) - 1 < len(whole)
+    assert run(engine, "ping", job=3) == "pong"  # another request runs on the same context meanwhile
+    rest = run(engine, "reverse abcdefghij", job=2, resume=True)
+    assert first[:-1] + rest == whole
+
+
+@pytest.mark.skipif(not SPEED_MODEL.exists(), reason="make speed-model builds it (the integration target does)")
+def test_long_generation_resumes_exactly_after_two_preemptions() -> None:
+    e = Engine(EngineSettings(str(SPEED_MODEL), n_ctx=512, n_threads=2))
+    e.start()
+    try:
+        whole = run(e, "reverse benchmark", job=1, max_tokens=200)
+        a = run(e, "reverse benchmark", job=2, max_tokens=200, stop_after=40)
+        run(e, "hello", job=3, max_tokens=20)
+        b = run(e, "reverse benchmark", job=2, resume=True, stop_after=50)
+        run(e, "other", job=4, max_tokens=20)
+        c = run(e, "reverse benchmark", job=2, resume=True)
+        assert a.endswith("|") and b.endswith("|")
+        assert a[:-1] + b[:-1] + c == whole and len(whole) > 100
+    finally:
+        e.stop()
+
+
+def test_resuming_a_job_the_worker_lost_is_a_clear_error(engine: Engine) -> None:
+    from llmos_edge.engine import EngineError
+
+    with pytest.raises(EngineError, match="paused generation was lost"):
+        run(engine, "reverse abc", job=9, resume=True)
+    assert run(engine, "ping", job=10) == "pong"
+
+
+def test_duty_cycle_and_threads_keep_the_answer_the_same(engine: Engine) -> None:
+    engine.set_limits(threads=1, duty=0.3)
+    assert run(engine, "reverse stone", job=1) == "enots"
+    engine.set_limits(threads=2, duty=1.0)
+    assert run(engine, "reverse stone", job=2) == "enots"
