@@ -20,7 +20,7 @@ WHEELS := $(CACHE)/wheels
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON
 LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION).ok
 
-HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git
+HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git espeak-ng alsa-utils sox
 
 .PHONY: help deps host-deps wheel venv lint typecheck unit integration test run-host docs clean
 
@@ -78,8 +78,9 @@ typecheck: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-integration: venv
-	$(VENV)/bin/pytest -q tests/integration
+# The speed model (random weights, seconds to make) gives the exact-resume test a long generation.
+integration: venv speed-model
+	LLMOS_SPEED_MODEL=$(SPEED_MODEL) $(VENV)/bin/pytest -q tests/integration
 
 # Host checks first (seconds to a couple of minutes), then the image tests (image.mk) that boot QEMU.
 test: deps lint typecheck unit integration $(IMAGE_TEST)

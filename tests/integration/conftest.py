@@ -19,7 +19,7 @@ from llmos_edge.console import FdPort
 from tests.console_client import ConsoleClient
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "model" / "llmos-tiny-q8_0.gguf"
+MODEL = Path(os.environ.get("LLMOS_TEST_MODEL", REPO / "model" / "llmos-tiny-q8_0.gguf"))
 HELDOUT = REPO / "model" / "heldout.jsonl"
 
 
