@@ -11,3 +11,34 @@ bench: bench-scheduling
 
 bench-scheduling: venv speed-model
 	$(PY) bench/scheduling.py --model $(SPEED_MODEL)
+
+# Governor (issue 4): the thermal a/b/c comparison with its plot, and the memory estimate against measured RSS.
+.PHONY: bench-thermal bench-memory bench-plotting
+bench: bench-thermal bench-memory
+
+SPEED_MODEL_25M := $(CACHE)/models/speed-25m-q4_k_m.gguf
+SPEED_MODEL_85M := $(CACHE)/models/speed-85m-q4_k_m.gguf
+
+$(SPEED_MODEL_25M) $(SPEED_MODEL_85M): model/speed.py model/gguf_llama.py model/data.py | $(GGUF_VENV)/.ok
+	$(GGUF_VENV)/bin/python model/speed.py $@ \
+	  --params $(subst m,M,$(word 2,$(subst -, ,$(notdir $@)))) --threads $(MODEL_THREADS)
+
+# matplotlib draws the benchmark plots; a bench-only dependency, never part of the appliance.
+bench-plotting: venv
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
+
+# Twice: with the appliance's two threads (the governor may choose fewer), and with one thread (pacing only), which
+# isolates the control law from the thread-count effect.
+bench-thermal: venv speed-model bench-plotting
+	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 2 --rounds 1 --section thermal --write
+	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 1 --rounds 1 --section thermal-1thread --write
+
+bench-memory: venv speed-model $(SPEED_MODEL_25M) $(SPEED_MODEL_85M)
+	$(PY) bench/memory.py --write
+
+# Voice (issue 6): end of speech to the first audio of the answer, through the real supervisor and ALSA file devices.
+.PHONY: bench-voice
+bench: bench-voice
+
+bench-voice: venv
+	$(PY) bench/voice.py --rounds 10

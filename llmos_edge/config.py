@@ -110,12 +110,125 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class GovernorConfig:
+    enabled: bool = setting(True, "Hold the thermal and memory budgets below; false leaves the engine unthrottled.")
+    sensors_root: str = setting(
+        "/",
+        "Directory under which sys/class/thermal, sys/devices/system/cpu and proc/pressure are read; tests and the "
+        "image test point it at a fake tree.",
+    )
+    thermal_zone: str = setting(
+        "", "Thermal zone to control on, by type (cpu-thermal) or name (thermal_zone0); empty: the hottest zone."
+    )
+    setpoint: float = setting(
+        75.0,
+        "Temperature (°C) the controller holds the board at under load, below the Raspberry Pi firmware's 80 °C.",
+        minimum=20.0,
+        maximum=120.0,
+    )
+    critical: float = setting(
+        85.0,
+        "Above this temperature (°C) generation stops and new requests are refused until the board cools.",
+        minimum=20.0,
+        maximum=130.0,
+    )
+    cool_margin: float = setting(
+        5.0,
+        "After a critical stop, requests are accepted again once the temperature is this far below critical.",
+        minimum=0.5,
+        maximum=50.0,
+    )
+    interval: float = setting(1.0, "Seconds between governor decisions.", minimum=0.01, maximum=60.0)
+    kp: float = setting(
+        0.12,
+        "Proportional gain: CPU share per °C of error (tuned for a bare Raspberry Pi 5: about 40 °C per unit of "
+        "CPU share, time constant 100 s, closed loop 20 s).",
+        minimum=0.0,
+        maximum=10.0,
+    )
+    ki: float = setting(0.0012, "Integral gain: CPU share per °C·s of accumulated error.", minimum=0.0, maximum=10.0)
+    min_share: float = setting(
+        0.1, "Least CPU share the controller gives generation while below critical.", minimum=0.01, maximum=1.0
+    )
+    memory_budget_mb: int = setting(
+        0,
+        "Memory the engine worker may use, in MiB; 0: the cgroup's limit (MemoryMax) or the memory available at "
+        "start, less memory_reserve_mb.",
+        minimum=0,
+    )
+    memory_reserve_mb: int = setting(
+        96, "Memory kept for the supervisor and the system when the budget is automatic (MiB).", minimum=0
+    )
+    min_available_mb: int = setting(
+        48,
+        "Available memory (MiB) under which the governor sheds work; at half of it the model is unloaded.",
+        minimum=0,
+    )
+    psi_some: float = setting(
+        10.0,
+        "Memory pressure (% of time some task stalled, avg10) at which background work is shed.",
+        minimum=0.0,
+        maximum=100.0,
+    )
+    psi_full: float = setting(
+        5.0,
+        "Memory pressure (% of time all tasks stalled, avg10) at which new requests get a shorter answer; at "
+        "twice this the model is unloaded.",
+        minimum=0.0,
+        maximum=100.0,
+    )
+    shrink_tokens: int = setting(
+        32, "Longest answer (tokens) a new request gets while memory is short.", minimum=1, maximum=65536
+    )
+    calm: float = setting(
+        10.0, "Seconds memory must stay calm before the governor steps its shedding back.", minimum=0.0
+    )
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    enabled: str = setting(
+        "auto",
+        "Voice front-end: auto (on when the capture device can record), on (log an error when it cannot), or off.",
+        choices=("auto", "on", "off"),
+    )
+    capture: str = setting("default", "ALSA capture device (the microphone), as `arecord -D` takes it.")
+    playback: str = setting("default", "ALSA playback device (the speaker), as `aplay -D` takes it.")
+    wake_word: str = setting(
+        "computer", "Word that starts an interaction; empty means every utterance is meant for the appliance."
+    )
+    listen_seconds: float = setting(
+        8.0, "Seconds it keeps listening without the wake word after it woke or answered.", minimum=0.0
+    )
+    recognizer: str = setting(
+        "pocketsphinx",
+        "Speech recogniser: pocketsphinx (built in) or whisper (needs voice.whisper_model and pywhispercpp).",
+        choices=("pocketsphinx", "whisper"),
+    )
+    whisper_model: str = setting("", "whisper.cpp ggml model file for recognizer: whisper (never downloaded).")
+    questions: str = setting(
+        "", "Text file of questions, one a line, recognised as whole phrases before free dictation is tried."
+    )
+    vad_threshold: float = setting(0.5, "Speech probability above which a frame is speech.", minimum=0.05, maximum=0.95)
+    end_silence_ms: int = setting(
+        500, "Silence in ms that ends an utterance (part of the reply latency).", minimum=100, maximum=5000
+    )
+    barge_in_ms: int = setting(
+        300, "Speech in ms while the appliance talks that cancels the answer (barge-in).", minimum=50, maximum=5000
+    )
+    tts_voice: str = setting("en-us", "espeak-ng voice for spoken answers (`espeak-ng --voices`).")
+    tts_speed: int = setting(160, "Speaking rate in words per minute.", minimum=80, maximum=450)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
 
 
 _SECTION_TYPES: dict[str, type[Any]] = {
@@ -124,6 +237,8 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "engine": EngineConfig,
     "scheduler": SchedulerConfig,
+    "governor": GovernorConfig,
+    "voice": VoiceConfig,
 }
 
 

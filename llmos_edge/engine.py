@@ -439,7 +439,7 @@ class Engine:
                 if parent.poll(0.1):
                     try:
                         msg = parent.recv()
-                    except EOFError:
+                    except (EOFError, OSError):  # a worker dying with our messages unread resets the socket
                         break
                     if msg[0] == "cpu":
                         cpu = msg[1]

@@ -252,3 +252,172 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
                 "the copy is incomplete; copy the model file again",
             )
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory estimate: what the engine worker will hold in RAM for a model and context, from the header alone.
+
+MIB = 2**20
+# The worker before any model: Python, llama-cpp-python and the ggml CPU backend libraries (measured: 48 MiB on
+# x86-64 Debian 12, Python 3.11), plus small allocations outside llama.cpp's buffers (thread stacks, tokenizer,
+# llama-cpp-python's arrays).
+RUNTIME_BYTES = 50 * MIB
+KV_TYPES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+}
+N_UBATCH = 512  # llama-cpp-python's default n_batch (and llama.cpp's n_ubatch)
+CTX_PAD = 256  # llama.cpp rounds the KV cache up to a multiple of this
+MIN_CONTEXT = 256
+
+# Tensor types ggml's CPU backend repacks into an interleaved copy at load time ("CPU_REPACK" buffer), by CPU feature
+# (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type): the file's pages are read to make the copy, so both
+# count in the worker's resident memory. (row multiple, types)
+_REPACK_X86_AVX2 = (8, {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
+_REPACK_X86_AVX512 = (8, {"Q2_K"})
+_REPACK_ARM_DOTPROD = (4, {"Q4_0", "IQ4_NL", "MXFP4", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    n_ctx: int  # as llama.cpp will allocate it (rounded up to 256)
+    kv_type: str
+    runtime: int
+    weights: int  # the file's tensors, mapped and read
+    repacked: int  # copies the CPU backend makes of some weights
+    kv_cache: int
+    compute: int  # llama.cpp's compute buffer for a full batch at this context, and the CPU work buffer
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute
+
+    def describe(self) -> str:
+        return (
+            f"{self.total / MIB:.0f} MiB at context {self.n_ctx} (weights {(self.weights + self.repacked) / MIB:.0f},"
+            f" KV cache {self.kv_cache / MIB:.0f} {self.kv_type}, compute {self.compute / MIB:.0f}, runtime "
+            f"{self.runtime / MIB:.0f})"
+        )
+
+
+def cpu_features(root: str | os.PathLike[str] = "/") -> frozenset[str]:
+    """The CPU flags ggml's repacking depends on, from /proc/cpuinfo (x86 `flags`, arm64 `Features`)."""
+    try:
+        text = Path(root, "proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def repacked_bytes(info: GGUFInfo, features: frozenset[str]) -> int:
+    rules = []
+    if "avx2" in features:
+        rules.append(_REPACK_X86_AVX2)
+    if "avx512f" in features:
+        rules.append(_REPACK_X86_AVX512)
+    if "asimddp" in features or "i8mm" in features:
+        rules.append(_REPACK_ARM_DOTPROD)
+    total = 0
+    for t in info.tensors:
+        # Only matrix weights of matrix multiplications are repacked; the token embedding is read by row lookup.
+        if len(t.shape) != 2 or t.name == "token_embd.weight" or not t.name.endswith(".weight"):
+            continue
+        name = GGML_TYPES.get(t.type_id, ("?", 1, 1))[0]
+        if any(name in types and t.shape[1] % rows == 0 for rows, types in rules):
+            total += t.n_bytes or 0
+    return total
+
+
+def _pad(n_ctx: int) -> int:
+    return max(CTX_PAD, (n_ctx + CTX_PAD - 1) // CTX_PAD * CTX_PAD)
+
+
+def _shape(info: GGUFInfo) -> tuple[int, int, int, int]:
+    n_embd = int(info.arch("embedding_length", 0))
+    n_head = int(info.arch("attention.head_count", 1)) or 1
+    n_ff = info.arch("feed_forward_length", 4 * n_embd)
+    n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
+    vocab = info.metadata.get("tokenizer.ggml.tokens")
+    n_vocab = int(info.arch("vocab_size", 0) or (len(vocab) if vocab is not None else 0))
+    return n_embd, n_head, n_ff, n_vocab
+
+
+def compute_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    """llama.cpp's CPU compute buffer (no flash attention), which it sizes for a full batch at the full context.
+
+    Its graph allocator reuses memory, so the buffer is the largest set of tensors alive at one time: during
+    attention the scores (heads x context x batch, f32), the mask and about 7 embedding-sized rows per token; in the
+    feed-forward block 2 n_ff + 8 n_embd per token; at the output, the logits. Checked against the size llama.cpp
+    reports for five shapes (n_embd 256-1024, contexts 256-2048) to within 0.25 MiB (see test_memory_estimate.py).
+    """
+    n_kv, n_ub = _pad(n_ctx), min(N_UBATCH, _pad(n_ctx))
+    n_embd, n_head, n_ff, n_vocab = _shape(info)
+    attention = n_kv * (n_head + 1) + 7 * n_embd
+    feed_forward = 2 * n_ff + 8 * n_embd
+    output = n_vocab + 2 * n_embd
+    return 4 * n_ub * max(attention, feed_forward, output)
+
+
+def work_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    """The CPU backend's work buffer, allocated outside the compute buffer: the largest operand it converts, which is
+    the attention scores in f16 for the multiplication by V (or the feed-forward input quantized to 8 bits)."""
+    n_kv, n_ub = _pad(n_ctx), min(N_UBATCH, _pad(n_ctx))
+    _, n_head, n_ff, _ = _shape(info)
+    return max(2 * n_head * n_kv * n_ub, n_ub * n_ff * 292 // 256)
+
+
+def estimate_memory(
+    info: GGUFInfo,
+    n_ctx: int,
+    kv_type: str = "f16",
+    features: frozenset[str] | None = None,
+) -> MemoryEstimate:
+    """What the worker will hold resident after a prompt that fills the context (its peak in normal use)."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"unknown KV type {kv_type}")
+    ctx = _pad(n_ctx)
+    return MemoryEstimate(
+        n_ctx=ctx,
+        kv_type=kv_type,
+        runtime=RUNTIME_BYTES,
+        weights=info.weights_bytes,
+        repacked=repacked_bytes(info, cpu_features() if features is None else features),
+        kv_cache=info.kv_cache_bytes(ctx, KV_TYPES[kv_type]),
+        compute=compute_buffer_bytes(info, ctx) + work_buffer_bytes(info, ctx),
+    )
+
+
+def fit_context(
+    info: GGUFInfo,
+    budget: int,
+    wanted: int,
+    kv_type: str = "f16",
+    features: frozenset[str] | None = None,
+) -> MemoryEstimate:
+    """The largest context up to `wanted` (in steps of 256) whose estimate fits `budget` bytes; raise UserError
+    in one sentence when even the smallest does not."""
+    ctx = max(_pad(wanted), MIN_CONTEXT)
+    while True:
+        est = estimate_memory(info, ctx, kv_type, features)
+        if est.total <= budget:
+            return est
+        if ctx <= MIN_CONTEXT:
+            break
+        ctx -= CTX_PAD
+    smallest = estimate_memory(info, MIN_CONTEXT, kv_type, features)
+    raise UserError(
+        f"{info.path.name} needs {smallest.total / MIB:.0f} MiB even at context {MIN_CONTEXT}, but the memory budget "
+        f"is {budget / MIB:.0f} MiB ({smallest.describe()})",
+        "use a smaller quantization (Q4_K_M) or a smaller model, or raise governor.memory_budget_mb (or the "
+        "service's MemoryMax)",
+    )

@@ -77,8 +77,40 @@ def _v2_preemptions(db: sqlite_utils.Database) -> None:
     db.table("requests").add_column("preemptions", int)
 
 
+def _v3_voice(db: sqlite_utils.Database) -> None:
+    """One row per spoken interaction (llmos_edge/voice.py): what was heard and how long each stage took."""
+    db.table("voice").create(
+        {
+            "id": int,
+            "start_id": int,
+            "at": float,
+            "heard": str,
+            "kind": str,  # command | question | unclear ("" for a bare wake word)
+            "intent": str,
+            "how": str,  # grammar | questions | dictation | whisper
+            "recognizer": str,
+            "woke": int,
+            "barge_in": int,
+            "outcome": str,
+            "answer": str,
+            "request_id": int,
+            "speech_ms": float,
+            "vad_ms": float,
+            "endpoint_ms": float,
+            "asr_ms": float,
+            "ttft_ms": float,
+            "tts_ms": float,
+            "first_audio_ms": float,
+            "error": str,
+        },
+        pk="id",
+        foreign_keys=[("start_id", "starts", "id")],
+    )
+    db.table("voice").create_index(["at"])
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions, _v3_voice]
 
 
 class Store:
@@ -207,6 +239,9 @@ class Store:
 
     def record_request(self, row: dict[str, Any]) -> None:
         self._write("requests", {"start_id": self.start_id or None, **row})
+
+    def record_voice(self, row: dict[str, Any]) -> None:
+        self._write("voice", {"start_id": self.start_id or None, **row})
 
     # -- reading -------------------------------------------------------------------------------------------
     def recent_requests(self, n: int = 10) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,14 @@ from llmos_edge import __version__
 from llmos_edge.config import Config, LoadedConfig
 from llmos_edge.console import Console
 from llmos_edge.control import ControlServer
-from llmos_edge.engine import Engine, EngineError, EngineSettings
+from llmos_edge.engine import Engine, EngineError, EngineSettings, default_threads
 from llmos_edge.errors import UserError
+from llmos_edge.governor import Actuators, Governor
 from llmos_edge.models import GGUFInfo, read_gguf
 from llmos_edge.scheduler import Request, Scheduler
 from llmos_edge.sensors import thermal_zones
 from llmos_edge.store import Store
+from llmos_edge.voice import Voice  # voice (issue 6)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,20 @@ class Supervisor:
             load_timeout=c.engine.load_timeout,
             progress_timeout=c.engine.progress_timeout,
         )
+        # governor (issue 4): thermal and memory budgets; it acts only through these actuators and admission.
+        self.governor = Governor(
+            c.governor,
+            self.store,
+            Actuators(
+                set_limits=self._set_limits,
+                stop_generation=self._stop_generation,
+                unload=self._unload,
+                reload=self._reload,
+                worker_pid=lambda: self.engine.pid if self.engine_ready.is_set() else None,
+                busy=lambda: self.engine.busy,
+            ),
+            max_threads=c.model.threads or default_threads(),
+        )
         self.scheduler = Scheduler(
             self.engine,
             self.store,
@@ -84,6 +100,7 @@ class Supervisor:
             temperature=c.model.temperature,
             seed=c.model.seed,
             memory_mb=self._engine_rss_mb,
+            admit=self.governor.admit,  # governor (issue 4)
         )
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":
@@ -103,6 +120,8 @@ class Supervisor:
                 c.model.max_tokens,
                 on_eof=self.stopping.set if c.console.device == "stdio" else None,
             )
+        # voice (issue 6): starts after READY when voice.capture can record; else /status says why
+        self.voice = Voice(c.voice, self.scheduler, self.store, self.status_lines, c.model.max_tokens)
 
     # -- memory --------------------------------------------------------------------------------------------
     def _engine_rss(self) -> int:
@@ -126,6 +145,9 @@ class Supervisor:
                 if time.monotonic() - self.engine.last_progress > STABLE_AFTER and not self.engine.busy:
                     backoff = 0.2
                 self.stopping.wait(0.1)
+                continue
+            if self.es.state == "unloaded":  # governor (issue 4): held stopped until memory is calm
+                self.stopping.wait(0.2)
                 continue
             if self.es.state == "ready":  # it was serving and died
                 self.engine_ready.clear()
@@ -160,6 +182,9 @@ class Supervisor:
                     continue
             try:
                 self.model = read_gguf(self.cfg.model.path)
+                # governor (issue 4): the largest context that fits the memory budget, or a one-sentence refusal
+                n_ctx = self.governor.preflight(self.model, self.cfg.model.context)
+                self.engine.settings = replace(self.engine.settings, n_ctx=n_ctx)
                 info = self.engine.start()
             except UserError as e:
                 model_stamp = self._model_stamp()
@@ -177,6 +202,28 @@ class Supervisor:
                 f"{info.model} loaded in pid {info.pid}",
                 {"cpu_backend": info.cpu_backend, "threads": info.n_threads, "n_ctx": info.n_ctx},
             )
+
+    # -- governor actuators (issue 4) ----------------------------------------------------------------------
+    def _set_limits(self, threads: int, duty: float) -> None:
+        # Only to a loaded worker: bytes it has not read when it dies while loading (SIGILL) turn its EOF into a
+        # connection reset. The governor sends the limits again when the new worker's pid appears.
+        if self.engine_ready.is_set():
+            self.engine.set_limits(threads=threads, duty=duty)
+
+    def _stop_generation(self, reason: str) -> None:
+        current = self.scheduler.current
+        if current is not None:
+            log.warning("stopping request %d: %s", current.id, reason)
+            current.cancel()
+
+    def _unload(self, reason: str) -> None:
+        self.es = EngineState("unloaded", reason)  # first, so the keeper holds it stopped instead of restarting
+        self.engine_ready.clear()
+        self.engine.stop()
+
+    def _reload(self) -> None:
+        if self.es.state == "unloaded":
+            self.es = EngineState("starting", "reloading: memory is calm again")
 
     def _model_stamp(self) -> tuple[float, int]:
         try:
@@ -228,23 +275,29 @@ class Supervisor:
             log.info("ready: %s", self.status_line())
 
     # -- status --------------------------------------------------------------------------------------------
+    def _shown_state(self) -> str:
+        # The engine is up before the self-test has answered: not ready for people yet.
+        return "starting" if self.es.state == "ready" and not self.ready_sent else self.es.state
+
     def status_line(self) -> str:
         info = self.engine.info
         last = self.scheduler.last_stats
         speed = f"{last.decode_tok_s:.0f} tok/s" if last and last.decode_tok_s else "- tok/s"
         mem = f"mem {_mib(self._engine_rss() + psutil.Process().memory_info().rss)}"
         depth = sum(self.scheduler.depth().values())
-        head = self.es.state if not self.es.reason else f"{self.es.state}: {self.es.reason}"
+        state = self._shown_state()
+        head = state if not self.es.reason else f"{state}: {self.es.reason}"
         return (
             f"{head} | {info.model or Path(self.cfg.model.path).name} | {speed} | {mem} | "
-            f"up {_fmt_duration(time.monotonic() - self.started)} | restarts {self.restarts} | queue {depth}"
+            f"up {_fmt_duration(time.monotonic() - self.started)} | restarts {self.restarts} | queue {depth} | "
+            f"{self.governor.status_summary()}"  # governor (issue 4): temperature vs setpoint, memory vs budget
         )
 
     def status_lines(self) -> list[str]:
         info, m = self.engine.info, self.model
         vm = psutil.virtual_memory()
         last = self.scheduler.last_stats
-        lines = [f"state: {self.es.state}" + (f" ({self.es.reason})" if self.es.reason else "")]
+        lines = [f"state: {self._shown_state()}" + (f" ({self.es.reason})" if self.es.reason else "")]
         if m is not None:
             lines.append(
                 f"model: {m.name} ({m.quantization}, {m.n_params / 1e6:.2f}M params, {_mib(m.file_size)}) {m.path}"
@@ -263,11 +316,13 @@ class Supervisor:
             f"memory: supervisor {_mib(psutil.Process().memory_info().rss)}, engine "
             f"{_mib(self._engine_rss())}; available {_mib(vm.available)} of {_mib(vm.total)}"
         )
-        zones = thermal_zones()
+        zones = thermal_zones(self.cfg.governor.sensors_root)
         lines.append(
             "temperature: "
             + (", ".join(f"{z.type} {z.celsius:.1f} C" for z in zones) if zones else "no thermal sensor")
         )
+        lines += self.governor.status_lines()  # governor (issue 4): thermal control, memory budget, machine
+        lines.append(self.voice.status_line())  # voice (issue 6)
         lines.append(f"uptime: {_fmt_duration(time.monotonic() - self.started)}; engine restarts: {self.restarts}")
         depth = self.scheduler.depth()
         lines.append("queue: " + ", ".join(f"{k} {v}" for k, v in depth.items()))
@@ -309,6 +364,7 @@ class Supervisor:
         self._keeper = threading.Thread(target=self._keep_engine, name="engine-keeper", daemon=True)
         self._keeper.start()
         self.scheduler.start()
+        self.governor.start()  # governor (issue 4)
         if self.console is not None:
             self.console.start()
         if self.control is not None:
@@ -319,6 +375,8 @@ class Supervisor:
                 self.store.event("control_socket_failed", str(e))
                 self.control = None
         self._wait_until_steady()
+        if not self.stopping.is_set():
+            self.voice.start()  # voice (issue 6)
         interval = _watchdog_interval()
         last_ping = 0.0
         while not self.stopping.wait(0.5):
@@ -341,6 +399,8 @@ class Supervisor:
             self.console.stop()
         if self.control is not None:
             self.control.stop()
+        self.governor.stop()  # governor (issue 4)
+        self.voice.stop()  # voice (issue 6)
         self.scheduler.stop(timeout=1.5)
         self.engine.stop(timeout=1.0)
         self.store.event("stop", f"clean shutdown in {time.monotonic() - t0:.2f} s")

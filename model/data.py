@@ -303,9 +303,12 @@ def heldout_examples() -> list[Example]:
 class TrainingStream:
     """An endless, deterministic stream of training examples; held-out prompts and words are excluded."""
 
-    def __init__(self, seed: int = SEED, reverse_fraction: float = 0.6) -> None:
+    def __init__(self, seed: int = SEED, reverse_fraction: float = 0.6, bare_fraction: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.reverse_fraction = reverse_fraction
+        # The bare keywords ("ping", "logs", "hello") are one combination among thousands each, yet what people
+        # type most and what the self-test asks: this share of FAQ examples is a bare keyword.
+        self.bare_fraction = bare_fraction
         held = _heldout_faq_combos()
         self.faq: list[tuple[tuple[str, str, str], str]] = []
         for intent in FAQ_ANSWERS:
@@ -327,6 +330,9 @@ class TrainingStream:
                 w = _random_word(rng, rng.choice(WORD_LENGTHS))
                 if w not in self.heldout_words:
                     return Example("reverse", f"reverse {w}", w[::-1])
+        if self.bare_fraction and rng.random() < self.bare_fraction:
+            intent = rng.choice(list(FAQ_ANSWERS))
+            return Example("faq", FAQ_CORES[intent][0], FAQ_ANSWERS[intent])
         while True:
             (prefix, core, suffix), intent = rng.choice(self.faq)
             text = prefix + core + suffix

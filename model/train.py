@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,41 +181,42 @@ def greedy_eval(model: Llama, examples: list[Example]) -> dict[str, tuple[int, i
     return score
 
 
-def train(rank: int, args: argparse.Namespace, init_file: str) -> None:
-    """One training process. With --procs N, N single-threaded processes each train on their own data stream and
-    average gradients every step: on 2 shared cores this beat one process with 2 OpenMP threads by about 3x (each op
-    is small, and a descheduled thread stalls every op's barrier; here only the per-step all-reduce waits)."""
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    if args.procs > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.procs)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    cfg = LlamaConfig(n_embd=args.embd, n_layer=args.layers, n_head=args.heads, n_ff=args.ff)
-    cfg.check()
-    model = Llama(cfg)
-    params = list(model.parameters())
-    log(f"== llmos-tiny: {cfg} params={sum(p.numel() for p in params):,}, {args.procs} process(es)", flush=True)
-
+def run_phase(
+    model: Llama,
+    params: list[torch.nn.Parameter],
+    args: argparse.Namespace,
+    rank: int,
+    phase: int,
+    steps: int,
+    lr: float,
+    reverse_fraction: float,
+    heldout: list[Example],
+    log: Any,
+) -> None:
+    """One cosine learning-rate schedule over `steps` steps, with its own optimizer and data stream."""
+    cfg = model.cfg
     decay = [p for p in params if p.dim() == 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
+        lr=lr,
         betas=(0.9, 0.98),
     )
-    warmup = max(1, args.steps // 20)
+    warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
         if step < warmup:
-            return args.lr * (step + 1) / warmup
-        p = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+            return lr * (step + 1) / warmup
+        p = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    stream = TrainingStream(args.seed * 1000 + rank, reverse_fraction=args.reverse_fraction)
-    heldout = heldout_examples()
+    stream = TrainingStream(
+        args.seed * 1000 + rank + 100 * phase,
+        reverse_fraction=reverse_fraction,
+        bare_fraction=args.polish_bare_fraction if phase == 1 else 0.0,
+    )
     t0 = time.monotonic()
-    for step in range(args.steps):
+    for step in range(steps):
         x, y, m = make_batch(stream, args.batch, cfg.n_ctx)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -237,12 +239,47 @@ def train(rank: int, args: argparse.Namespace, init_file: str) -> None:
                     off += n
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             el = time.monotonic() - t0
-            eta = el / (step + 1) * (args.steps - step - 1)
-            log(f"step {step:5d}/{args.steps} loss {loss.item():.4f} {el:6.0f}s eta {eta:4.0f}s", flush=True)
+            eta = el / (step + 1) * (steps - step - 1)
+            log(
+                f"phase {phase + 1} step {step:5d}/{steps} loss {loss.item():.4f} {el:6.0f}s eta {eta:4.0f}s",
+                flush=True,
+            )
         if rank == 0 and args.eval_every and step and step % args.eval_every == 0:
             log(f"   held-out (torch f32): {greedy_eval(model, heldout)}", flush=True)
+
+
+def train(rank: int, args: argparse.Namespace, init_file: str) -> None:
+    """One training process. With --procs N, N single-threaded processes each train on their own data stream and
+    average gradients every step: on 2 shared cores this beat one process with 2 OpenMP threads by about 3x (each op
+    is small, and a descheduled thread stalls every op's barrier; here only the per-step all-reduce waits)."""
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    if args.procs > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.procs)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    cfg = LlamaConfig(n_embd=args.embd, n_layer=args.layers, n_head=args.heads, n_ff=args.ff)
+    cfg.check()
+    model = Llama(cfg)
+    params = list(model.parameters())
+    log(f"== llmos-tiny: {cfg} params={sum(p.numel() for p in params):,}, {args.procs} process(es)", flush=True)
+
+    if args.init:
+        # Start from a checkpoint of the first phase (the same weights the first phase computes; for iterating on
+        # the polishing phase without paying for the first one again).
+        model.load_state_dict(torch.load(args.init))
+        log(f"== initialised from {args.init}", flush=True)
+    phases = [] if args.init else [(0, args.steps, args.lr, args.reverse_fraction)]
+    if args.polish_steps:
+        # A short second schedule at a lower learning rate with more FAQ: the FAQ's many phrasings are learnt
+        # later than reversal (which is one rule), so they get the tail of the training.
+        phases.append((1, args.polish_steps, args.polish_lr, args.polish_reverse_fraction))
+    heldout = heldout_examples()
+    t0 = time.monotonic()
+    for phase, steps, lr, reverse_fraction in phases:
+        run_phase(model, params, args, rank, phase, steps, lr, reverse_fraction, heldout, log)
     if args.procs > 1:
         dist.destroy_process_group()
     if rank != 0:
@@ -289,6 +326,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--reverse-fraction", type=float, default=0.75)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--polish-steps", type=int, default=300, help="second, FAQ-heavier phase (0: none)")
+    ap.add_argument("--polish-lr", type=float, default=1e-3)
+    ap.add_argument("--polish-reverse-fraction", type=float, default=0.4)
+    ap.add_argument(
+        "--polish-bare-fraction", type=float, default=0.2, help="share of FAQ examples that are bare keywords"
+    )
+    ap.add_argument("--init", type=Path, default=None, help="skip the first phase: start from this checkpoint")
     ap.add_argument("--save-pt", action="store_true")
     ap.add_argument("--no-export", action="store_true")
     args = ap.parse_args()

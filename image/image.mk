@@ -1,0 +1,138 @@
+# The appliance image: included by the top-level Makefile (which defines CACHE, WHEELS, LLAMA_WHEEL_STAMP,
+# PYTHON, VENV, PY).
+#   make image-deps            host tools (mkosi 24, systemd 254, QEMU, OVMF, erofs-utils, bmaptool), idempotent
+#   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
+#   make run [CPU=Nehalem]     boot a copy of it in QEMU, serial console on this terminal (Ctrl-A X quits)
+#   make flash DEVICE=/dev/sdX [FORCE=1]
+#   make image-test            pytest tests/image (boots the image under QEMU)
+
+IMAGE_DIR := build/image
+IMAGE := $(IMAGE_DIR)/llmos-edge.raw
+IMAGE_CACHE := $(CACHE)/image
+IMAGE_WHEELS := $(CACHE)/image-wheels
+IMAGE_STAGE := $(IMAGE_CACHE)/stage
+# The image's Debian release is the host's, so wheels built here match the image's Python ABI.
+IMAGE_RELEASE = $(shell $(PYTHON) image/aptsources.py codename)
+DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
+IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
+IMAGE_SOURCES := mkosi.conf $(shell find image/repart rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
+	pyproject.toml $(wildcard llmos_edge/*.py)
+CPU ?=
+MEM ?= 1024
+
+.PHONY: image-deps image-wheels image image-xz run flash image-test
+
+# `make deps` installs the image tools too.
+deps: image-deps
+
+image-deps:
+	@bash image/hostdeps.sh
+
+# Third-party wheels, resolved once per pyproject.toml change; the llama-cpp-python wheel comes from $(WHEELS)
+# (all CPU variants, built once by `make wheel`). pip goes in as a wheel too: it runs the offline install.
+$(IMAGE_WHEELS)/.deps.ok: pyproject.toml $(LLAMA_WHEEL_STAMP) $(VENV)/.ok
+	@mkdir -p $(IMAGE_WHEELS)
+	@echo "== image wheels: dependencies of llmos-edge into $(IMAGE_WHEELS)"
+	$(PY) -m pip wheel -q --wheel-dir $(IMAGE_WHEELS) --find-links $(WHEELS) --prefer-binary \
+	  pip $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+	@ls $(IMAGE_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  { echo "image-wheels: no llama-cpp-python wheel in $(IMAGE_WHEELS) (hint: run make wheel)"; exit 1; }
+	@touch $@
+
+# The project's own wheel, rebuilt whenever its sources change (same version, so the file is replaced).
+$(IMAGE_WHEELS)/.project.ok: $(IMAGE_WHEELS)/.deps.ok pyproject.toml $(wildcard llmos_edge/*.py)
+	@rm -f $(IMAGE_WHEELS)/llmos_edge-*.whl
+	$(PY) -m pip wheel -q --no-deps --wheel-dir $(IMAGE_WHEELS) .
+	@touch $@
+
+image-wheels: $(IMAGE_WHEELS)/.project.ok
+
+# Which model is baked in: the stamp changes when MODEL names another file or the file changes.
+$(IMAGE_STAGE)/model/.source: FORCE_CHECK
+	@test -f "$(IMAGE_MODEL)" || { echo "image: no model file at $(IMAGE_MODEL) (hint: run \`make model\`," \
+	  "or pass MODEL=/path/to/any.gguf)"; exit 1; }
+	@head -c 4 "$(IMAGE_MODEL)" | grep -q GGUF || { echo "image: $(IMAGE_MODEL) is not a GGUF file" \
+	  "(hint: MODEL= takes a .gguf model file)"; exit 1; }
+	@mkdir -p $(@D)
+	@src="$$(realpath "$(IMAGE_MODEL)") $$(stat -c '%s %Y' "$(IMAGE_MODEL)")"; \
+	if [ "$$(cat $@ 2>/dev/null)" != "$$src" ]; then \
+	  echo "== image model: $(IMAGE_MODEL)"; \
+	  ln -f "$(IMAGE_MODEL)" $(@D)/default.gguf 2>/dev/null || cp -f "$(IMAGE_MODEL)" $(@D)/default.gguf; \
+	  echo "$$src" > $@; \
+	fi
+
+.PHONY: FORCE_CHECK
+FORCE_CHECK:
+
+# Debian 12's systemd-stub (252) prints "Overlapping PE sections detected" in red on the product's console at
+# every boot when the host's ukify 254 assembles the UKI. The stub from bookworm-backports matches ukify: its .deb
+# goes in as a local package (apt takes the higher version); the rest of the image stays plain Debian 12.
+IMAGE_DEBS := $(IMAGE_CACHE)/debs
+$(IMAGE_DEBS)/.ok:
+	@mkdir -p $(@D)
+	@if [ "$(IMAGE_RELEASE)" = bookworm ]; then \
+	  cd $(@D) && apt-get download -q systemd-boot-efi/bookworm-backports 2>&1 | grep -v '^W: Download is performed unsandboxed' || \
+	  { echo "image: cannot download systemd-boot-efi from bookworm-backports (hint: run make image-deps)"; exit 1; }; \
+	fi
+	@touch $@
+
+# mkosi's caches (packages, the incremental tree) live in $(CACHE); the apt sources come from this host.
+$(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok
+	@command -v mkosi >/dev/null || { echo "image: mkosi is not installed (hint: run make image-deps)"; exit 1; }
+	@mkdir -p $(IMAGE_DIR) $(IMAGE_CACHE)/mkosi $(IMAGE_CACHE)/packages
+	@rm -rf $(IMAGE_CACHE)/pkgmngr && $(PYTHON) image/aptsources.py image --release $(IMAGE_RELEASE) \
+	  --out $(IMAGE_CACHE)/pkgmngr
+	@echo "== image: mkosi build (cold about 4-6 min, warm about 1-2 min); log in $(IMAGE_DIR)/build.log"
+	@# mkosi's incremental cache does not notice changed apt sources or pins: rebuild it (-ff) when they change.
+	@start=$$(date +%s); \
+	sources=$$(cat $$(find $(IMAGE_CACHE)/pkgmngr -type f | sort) mkosi.conf | sha256sum | cut -c1-16); \
+	force=--force; \
+	if [ "$$(cat $(IMAGE_CACHE)/mkosi/.sources 2>/dev/null)" != "$$sources" ]; then force="--force --force"; fi; \
+	if ! mkosi $$force \
+	  --release=$(IMAGE_RELEASE) \
+	  --package-manager-tree=$(IMAGE_CACHE)/pkgmngr \
+	  --cache-dir=$(IMAGE_CACHE)/mkosi \
+	  --package-cache-dir=$(IMAGE_CACHE)/packages \
+	  --output-dir=$(IMAGE_DIR) \
+	  $$(ls $(IMAGE_DEBS)/*.deb >/dev/null 2>&1 && echo --package-directory=$(IMAGE_DEBS)) \
+	  --build-sources=$(IMAGE_WHEELS):wheels,$(IMAGE_STAGE)/model:model \
+	  build 2>&1 | tee $(IMAGE_DIR)/build.log | { grep --line-buffered -E '^‣|llmos postinst' || true; }; then \
+	  tail -n 30 $(IMAGE_DIR)/build.log; echo "image: mkosi failed (hint: the whole log is $(IMAGE_DIR)/build.log)"; \
+	  exit 1; \
+	fi; \
+	test -f $@ || { echo "image: mkosi did not write $@ (hint: read $(IMAGE_DIR)/build.log)"; exit 1; }; \
+	echo "$$sources" > $(IMAGE_CACHE)/mkosi/.sources; \
+	bmaptool create -o $@.bmap $@; \
+	echo "== image: $@ built in $$(( $$(date +%s) - start )) s:" \
+	  "$$(du -h --apparent-size $@ | cut -f1) apparent, $$(du -h $@ | cut -f1) on disk"
+	@touch $@
+
+image: $(IMAGE)
+
+# Compressed copy for distribution (and the size measurement); flash.py writes .raw (with .bmap) only.
+image-xz: $(IMAGE)
+	xz -T0 -6 -k -f -v $(IMAGE)
+	@ls -l $(IMAGE).xz
+
+# `make run` boots a copy (kept between runs, like a device's card; renewed when the image is rebuilt), so the
+# built image stays factory-fresh for flashing: no machine ID, no database, var not yet grown.
+RUN_DISK := $(IMAGE_DIR)/run-disk.raw
+RUN_DISK_SIZE ?= 4G
+
+$(RUN_DISK): $(IMAGE)
+	cp --sparse=always $(IMAGE) $@
+	truncate -s $(RUN_DISK_SIZE) $@
+
+run: $(RUN_DISK)
+	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU))
+
+flash: $(IMAGE)
+	@test -n "$(DEVICE)" || { echo "flash: say where: make flash DEVICE=/dev/sdX" \
+	  "(hint: lsblk shows the removable disks)"; exit 1; }
+	$(PYTHON) image/flash.py --image $(IMAGE) --device "$(DEVICE)" $(if $(filter 1 yes true,$(FORCE)),--yes)
+
+# The top-level `make test` runs $(IMAGE_TEST) last. The image is (re)built first when its inputs changed.
+IMAGE_TEST := image-test
+
+image-test: $(IMAGE) $(VENV)/.ok
+	$(VENV)/bin/pytest -m image tests/image

@@ -1,0 +1,48 @@
+#!/bin/bash
+# mkosi post-installation script: install the product into the image tree ($BUILDROOT).
+# Inputs come from `make image` as build sources: $SRCDIR/wheels (the project and every dependency as wheels,
+# built on the host, so the image needs no compiler) and $SRCDIR/model/default.gguf.
+set -euo pipefail
+
+wheels="$SRCDIR/wheels"
+model="$SRCDIR/model/default.gguf"
+venv=/usr/lib/llmos/venv
+
+echo "llmos postinst: installing the llmos-edge wheels into $venv"
+ls "$wheels"/llmos_edge-*.whl >/dev/null
+pip_wheel=$(ls "$wheels"/pip-*.whl | sort -V | tail -n 1)
+# Debian's python3 with a venv of our own: no pip, no compiler in the image. pip runs straight from its wheel,
+# offline; it byte-compiles everything now, since the read-only root can't take __pycache__ at run time.
+mkosi-chroot python3 -m venv --without-pip "$venv"
+mkosi-chroot "$venv/bin/python" "${pip_wheel/#$SRCDIR/$CHROOT_SRCDIR}/pip" install \
+    --no-index --no-cache-dir --disable-pip-version-check --no-warn-script-location \
+    --find-links "${wheels/#$SRCDIR/$CHROOT_SRCDIR}" llmos-edge
+ln -sf "$venv/bin/llmos" "$BUILDROOT/usr/bin/llmos"
+# sqlite-utils depends on pip only for its `sqlite-utils install` command; an appliance installs nothing at run time.
+rm -rf "$BUILDROOT$venv"/lib/python3*/site-packages/pip "$BUILDROOT$venv"/lib/python3*/site-packages/pip-*.dist-info \
+    "$BUILDROOT$venv"/bin/pip*
+
+echo "llmos postinst: installing the model ($(du -h "$model" | cut -f1))"
+install -D -m 0644 "$model" "$BUILDROOT/usr/share/llmos/models/default.gguf"
+
+# The service user; created now because /etc is read-only on the device.
+if ! mkosi-chroot getent passwd llmos >/dev/null; then
+    mkosi-chroot useradd --system --home-dir /var/lib/llmos --no-create-home --shell /usr/sbin/nologin \
+        --user-group --groups dialout llmos
+fi
+# Root stays locked: nobody logs in to an appliance; the product talks on the console.
+mkosi-chroot passwd --lock root >/dev/null
+
+mkosi-chroot systemctl enable llmos.service llmos-var.service
+# The product owns ttyS0: no login prompt there. Nothing asks questions at boot. apt's timers would only fail
+# on the read-only root.
+mkosi-chroot systemctl mask serial-getty@ttyS0.service systemd-firstboot.service
+for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service; do
+    if [ -e "$BUILDROOT/usr/lib/systemd/system/$unit" ] || [ -e "$BUILDROOT/lib/systemd/system/$unit" ]; then
+        mkosi-chroot systemctl mask "$unit"
+    fi
+done
+
+# An empty machine-id file gives PID 1 something to bind-mount the run-time ID over on the read-only root.
+: > "$BUILDROOT/etc/machine-id"
+echo "llmos postinst: done"

@@ -1,0 +1,311 @@
+"""Fixtures for the image tests: the built image, QEMU boots of copies of it, and the serial console.
+
+The console is reached through a pyserial URL, so the same tests can drive a real board: set
+LLMOS_SERIAL_URL=/dev/ttyUSB0 (or rfc2217://..., socket://...) and the tests that need QEMU or the image file
+(power cut, reading the disk afterwards) are skipped.
+
+Environment:
+  LLMOS_IMAGE        image file to test (default build/image/llmos-edge.raw, built through `make image` if missing)
+  LLMOS_SERIAL_URL   talk to a running device instead of booting QEMU
+  LLMOS_BOOT_TIMEOUT seconds to wait for the prompt (default 900: software emulation on 2 busy cores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import serial
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "image"))
+
+import vm as vmlib  # noqa: E402
+
+PROMPT = b"llmos> "
+ANSWER_END = b"\r\n" + PROMPT
+ARTIFACTS = ROOT / "build" / "image-test"
+BOOT_TIMEOUT = float(os.environ.get("LLMOS_BOOT_TIMEOUT", "900"))
+TEST_DISK_BYTES = 2 << 30  # bigger than the image, so var has room to grow at first boot
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).parent == Path(__file__).parent:
+            item.add_marker(pytest.mark.image)
+
+
+# -- measurements ------------------------------------------------------------------------------------------
+MEASUREMENTS: dict[str, Any] = {}
+
+
+def measure(key: str, value: Any) -> None:
+    """Numbers for the README and the report, written to build/image-test/measurements.json."""
+    MEASUREMENTS[key] = value
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "measurements.json").write_text(json.dumps(MEASUREMENTS, indent=2, sort_keys=True) + "\n")
+
+
+# -- the console -------------------------------------------------------------------------------------------
+class Console:
+    """The product's serial console: wait for the prompt, ask a question, read the answer."""
+
+    def __init__(self, url: str, log_path: Path) -> None:
+        self.url = url
+        self.port = serial.serial_for_url(url, baudrate=115200, timeout=0.2)
+        self.buf = bytearray()
+        self.log = log_path.open("ab")
+
+    def _fill(self) -> None:
+        data = self.port.read(4096)
+        if data:
+            self.buf += data
+            self.log.write(data)
+            self.log.flush()
+
+    def read_until(self, marker: bytes, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.buf:
+            if time.monotonic() > deadline:
+                tail = bytes(self.buf[-400:]).decode("utf-8", "replace")
+                raise TimeoutError(f"no {marker!r} on {self.url} within {timeout:.0f} s; last output: {tail!r}")
+            self._fill()
+        end = self.buf.index(marker) + len(marker)
+        out = bytes(self.buf[:end])
+        del self.buf[:end]
+        return out
+
+    def read_some(self, timeout: float) -> bytes:
+        """Whatever arrives within `timeout` (at least one read)."""
+        deadline = time.monotonic() + timeout
+        while not self.buf and time.monotonic() < deadline:
+            self._fill()
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+    def send_line(self, text: str) -> None:
+        self.port.write(text.encode() + b"\r")
+        self.port.flush()
+
+    def ask(self, text: str, timeout: float = 120) -> str:
+        """Send a line and return what came back before the next prompt, without the echo."""
+        self.send_line(text)
+        out = self.read_until(ANSWER_END, timeout)[: -len(ANSWER_END)].decode("utf-8", "replace")
+        echo, _, answer = out.partition("\r\n")
+        if text not in echo:  # kernel noise or a missing echo: return everything
+            answer = out
+        return answer.replace("\r\n", "\n").strip()
+
+    def close(self) -> None:
+        if self.port.is_open:
+            self.port.close()
+        if not self.log.closed:
+            self.log.close()
+
+
+def wait_ready(console: Console, timeout: float) -> str:
+    """The prompt comes up while the model still loads; READY=1 (state: ready in /status) follows the self-test.
+    Returns the /status text at ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = console.ask("/status", timeout=max(10.0, deadline - time.monotonic()))
+        if re.search(r"^state: ready", text, re.M):
+            return text
+        if re.search(r"^state: (failed|degraded)", text, re.M) or time.monotonic() > deadline:
+            raise AssertionError(f"the device did not become ready:\n{text}")
+        time.sleep(3)
+
+
+def connect(url: str, log_path: Path, timeout: float = 30) -> Console:
+    """QEMU listens on the socket a moment after it starts (and waits for us before running the guest)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Console(url, log_path)
+        except (serial.SerialException, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- booting -----------------------------------------------------------------------------------------------
+@dataclass
+class Boot:
+    vm: vmlib.VM | None
+    console: Console
+    wall_s: float  # QEMU start (or connect) to ready (the model answered its self-test)
+    prompt_s: float = 0.0  # QEMU start to the first prompt
+    ready_status: str = ""
+
+    def power_cut(self) -> None:
+        assert self.vm is not None
+        self.vm.power_cut()
+        self.console.close()
+
+    def shutdown(self, timeout: float = 300) -> None:
+        """A clean power-off through the ACPI power button; returns when QEMU has exited."""
+        assert self.vm is not None
+        self.vm.powerdown()
+        try:
+            self.vm.wait(timeout)
+        finally:
+            self.console.close()
+            self.vm.close()
+
+
+def boot(disk: Path, name: str, *, cpu: str = "", snapshot: bool = False) -> Boot:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    qmp = ARTIFACTS / f"{name}.qmp"
+    qmp.unlink(missing_ok=True)
+    cfg = vmlib.VMConfig(image=disk, cpu=cpu, serial_port=port, snapshot=snapshot, qmp_socket=qmp)
+    vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")
+    serial_log = ARTIFACTS / f"{name}.serial.log"
+    serial_log.unlink(missing_ok=True)
+    vm.start()
+    try:
+        console = connect(f"socket://127.0.0.1:{port}", serial_log)
+        console.read_until(PROMPT, BOOT_TIMEOUT)
+        prompt_s = time.monotonic() - vm.started_at
+        status = wait_ready(console, BOOT_TIMEOUT - prompt_s)
+    except BaseException:
+        vm.close()
+        raise
+    return Boot(vm, console, time.monotonic() - vm.started_at, prompt_s, status)
+
+
+@pytest.fixture(scope="session")
+def serial_url() -> str:
+    return os.environ.get("LLMOS_SERIAL_URL", "")
+
+
+@pytest.fixture(scope="session")
+def image(serial_url: str) -> Path:
+    """The built image; `make image` builds it when it is missing (about 5 minutes cold)."""
+    if serial_url:
+        pytest.skip("testing a real device through LLMOS_SERIAL_URL: no image file")
+    path = Path(os.environ.get("LLMOS_IMAGE", ROOT / "build/image/llmos-edge.raw"))
+    if not path.exists():
+        if "LLMOS_IMAGE" in os.environ:
+            pytest.fail(f"LLMOS_IMAGE={path} does not exist")
+        subprocess.run(["make", "-C", str(ROOT), "image"], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the image, grown to 2 GiB like a card bigger than the image: the tests may power-cut it
+    and the built image stays untouched."""
+    copy = tmp_path_factory.mktemp("disk") / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    os.truncate(copy, max(TEST_DISK_BYTES, copy.stat().st_size))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def device(disk: Path, serial_url: str) -> Iterator[Boot]:
+    """The first boot of the test disk (or a real device's console), at its first prompt."""
+    if serial_url:
+        start = time.monotonic()
+        console = connect(serial_url, ARTIFACTS / "device.serial.log")
+        console.send_line("")  # a fresh prompt from a device that booted long ago
+        console.read_until(PROMPT, 30)
+        status = wait_ready(console, BOOT_TIMEOUT)
+        yield Boot(None, console, time.monotonic() - start, 0.0, status)
+        console.close()
+        return
+    b = boot(disk, "first-boot")
+    measure("boot_wall_s_to_prompt_first", round(b.prompt_s, 1))
+    measure("boot_wall_s_to_ready_first", round(b.wall_s, 1))
+    yield b
+    if b.vm is not None:  # still running when a test failed half-way: stop it (by PID)
+        b.vm.close()
+    b.console.close()
+
+
+# -- reading the disk on the host --------------------------------------------------------------------------
+def partitions(img: Path) -> dict[str, dict[str, int]]:
+    """Partition label -> {start, size} in bytes, from the GPT."""
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], check=True, capture_output=True).stdout)
+    sector = int(table["partitiontable"].get("sectorsize", 512))
+    return {
+        p.get("name", ""): {"start": int(p["start"]) * sector, "size": int(p["size"]) * sector}
+        for p in table["partitiontable"]["partitions"]
+    }
+
+
+def copy_from_var(img: Path, path_in_var: str, out: Path) -> Path:
+    """Copy a directory out of the image's var partition without booting or mounting (debugfs reads ext4)."""
+    offset = partitions(img)["var"]["start"]
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["debugfs", "-R", f"rdump {path_in_var} {out}", f"{img}?offset={offset}"],
+        check=True,
+        capture_output=True,
+    )
+    return out / Path(path_in_var).name
+
+
+def journal(img: Path, out: Path, *args: str) -> str:
+    """journalctl over the journal files on the image's var partition."""
+    jdir = copy_from_var(img, "/log/journal", out)
+    return subprocess.run(
+        ["journalctl", "--no-pager", "-D", str(jdir), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+_HOST_ANSWERS = """
+import json, sys
+import llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=1, verbose=False)
+template = llm.metadata.get("llmos.prompt_template", "{prompt}")
+for prompt in json.loads(sys.stdin.read()):
+    out = llm.create_completion(template.replace("{prompt}", prompt), max_tokens=128, temperature=0)
+    print(json.dumps(out["choices"][0]["text"].strip()))
+"""
+
+
+def host_answers(model: Path, prompts: list[str], variant: str = "haswell") -> list[str] | None:
+    """The same model through llama.cpp on the host, greedy as the engine runs it, with the CPU variant the guest
+    uses under `-cpu max` forced (the host's own best variant may differ in the last bits). None when the host
+    cannot run that variant."""
+    import llama_cpp  # the test venv has the same wheel as the image
+
+    lib = Path(llama_cpp.__file__).resolve().parent.parent / "bin" / f"libggml-cpu-{variant}.so"
+    if not lib.exists():
+        return None
+    r = subprocess.run(
+        [sys.executable, "-c", _HOST_ANSWERS, str(model)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GGML_BACKEND_PATH": str(lib)},
+        timeout=300,
+    )
+    if r.returncode != 0:
+        return None
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def heldout() -> list[dict[str, str]]:
+    path = ROOT / "model" / "heldout.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

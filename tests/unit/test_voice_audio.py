@@ -1,0 +1,81 @@
+"""Voice with real audio and no microphone: the VAD, the recogniser and the ALSA devices on espeak-ng speech."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmos_edge.config import VoiceConfig
+from llmos_edge.errors import UserError
+from llmos_edge.voice import Voice
+from llmos_edge.voice_asr import PocketsphinxRecognizer, WhisperRecognizer
+from llmos_edge.voice_audio import probe_capture
+from llmos_edge.voice_vad import Endpointer, SileroVAD
+from tests.voice_fixtures import RATE, alsa_devices, render, silence
+
+
+def frames(audio: np.ndarray) -> list[bytes]:
+    audio = np.concatenate([audio, silence(0.1)])
+    return [audio[i : i + 512].tobytes() for i in range(0, len(audio) - 511, 512)]
+
+
+def test_vad_cuts_two_phrases_into_two_utterances_at_the_right_places() -> None:
+    a, b = render("what is the temperature"), render("say that again", "en-gb")
+    audio = np.concatenate([silence(0.7), a, silence(1.2), b, silence(1.0)])
+    got = [e.utterance for e in Endpointer(SileroVAD()).run(frames(audio)) if e.utterance is not None]
+    assert len(got) == 2
+    starts = [u.start / RATE for u in got]
+    assert 0.3 < starts[0] < 0.8 and 0.7 + len(a) / RATE + 0.8 < starts[1] < 0.7 + len(a) / RATE + 1.3
+    assert all(u.vad_s > 0 for u in got)
+
+
+def test_vad_ignores_silence_and_steady_noise() -> None:
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(3 * RATE) * 300).astype(np.int16)
+    events = list(Endpointer(SileroVAD()).run(frames(np.concatenate([silence(1.0), noise]))))
+    assert events == []
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> PocketsphinxRecognizer:
+    return PocketsphinxRecognizer(wake_word="computer", questions=["what model is this"])
+
+
+def test_grammar_command_known_question_and_rejected_speech(recognizer: PocketsphinxRecognizer) -> None:
+    pad = silence(0.3)
+    heard = recognizer.recognise(np.concatenate([pad, render("what is the temperature"), pad]))
+    assert (heard.kind, heard.intent, heard.how) == ("command", "temperature", "grammar")
+    heard = recognizer.recognise(np.concatenate([pad, render("what model is this"), pad]))
+    assert (heard.kind, heard.text, heard.how) == ("question", "what model is this", "questions")
+    heard = recognizer.recognise(np.concatenate([pad, render("open the garage door"), pad]))
+    assert heard.kind != "command"
+
+
+def test_wake_word_is_found_and_its_end_marks_where_the_command_starts(recognizer: PocketsphinxRecognizer) -> None:
+    wake, cmd = render("computer"), render("what is the temperature")
+    end = recognizer.wake(np.concatenate([silence(0.3), wake, silence(0.4), cmd, silence(0.3)]))
+    assert end is not None and 0.3 * RATE + 0.5 * len(wake) < end < 0.3 * RATE + len(wake) + 0.4 * RATE
+    assert recognizer.wake(np.concatenate([silence(0.3), cmd, silence(0.3)])) is None
+
+
+def test_whisper_backend_without_a_model_file_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"voice\.whisper_model .*: no such file") as e:
+        WhisperRecognizer(str(tmp_path / "ggml-base.en.bin"))
+    assert "pocketsphinx" in e.value.hint
+
+
+def test_missing_capture_device_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert "cannot record from nosuchmic" in probe_capture("nosuchmic")
+    voice = Voice(VoiceConfig(capture="nosuchmic"), None, None, list, 8)  # type: ignore[arg-type]
+    assert voice.start() is False and voice.status_line().startswith("voice: cannot record from nosuchmic")
+    assert Voice(VoiceConfig(enabled="off"), None, None, list, 8).status_line() == "voice: off"  # type: ignore[arg-type]
+
+
+def test_file_device_is_a_microphone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mic = tmp_path / "mic.raw"
+    mic.write_bytes(render("stop").tobytes())
+    monkeypatch.setenv("XDG_CONFIG_HOME", alsa_devices(tmp_path, mic, tmp_path / "out.wav")["XDG_CONFIG_HOME"])
+    assert probe_capture("mic") == ""

@@ -1,0 +1,77 @@
+"""Real audio without a microphone: phrases spoken by espeak-ng, and ALSA `file` devices as microphone and speaker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+RATE = 16000
+VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-x-rp+m3"]
+SPEEDS = [140, 175]
+
+
+def render(text: str, voice: str = "en-us", speed: int = 160, rate: int = RATE) -> npt.NDArray[np.int16]:
+    """`text` spoken by espeak-ng, as 16-bit mono at `rate` (sox resamples espeak-ng's 22,050 Hz)."""
+    wav = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True
+    )
+    raw = subprocess.run(
+        ["sox", "-t", "wav", "-", "-t", "raw", "-r", str(rate), "-c", "1", "-b", "16", "-e", "signed-integer", "-"],
+        input=wav.stdout,
+        capture_output=True,
+        check=True,
+    )
+    return np.frombuffer(raw.stdout, dtype=np.int16)
+
+
+def silence(seconds: float) -> npt.NDArray[np.int16]:
+    return np.zeros(int(seconds * RATE), dtype=np.int16)
+
+
+def alsa_devices(home: Path, mic: Path, speaker: Path) -> dict[str, str]:
+    """Write an asoundrc defining `mic` (reads raw 16 kHz audio from `mic`) and `speaker` (writes a WAV file),
+    and return the environment under which ALSA tools find it."""
+    (home / "alsa").mkdir(parents=True, exist_ok=True)
+    (home / "alsa" / "asoundrc").write_text(
+        f"""pcm.mic {{
+  type file
+  slave.pcm null
+  file /dev/null
+  infile "{mic}"
+  format raw
+}}
+pcm.speaker {{
+  type file
+  slave.pcm null
+  file "{speaker}"
+  format wav
+}}
+"""
+    )
+    return {**os.environ, "XDG_CONFIG_HOME": str(home)}
+
+
+def read_wav(path: Path) -> tuple[int, npt.NDArray[np.int16]]:
+    """Sample rate and samples of a 16-bit mono WAV (as ALSA's file plugin writes it)."""
+    import wave
+
+    with wave.open(str(path)) as w:
+        return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+
+def _raw_args(rate: int) -> list[str]:
+    return ["-t", "raw", "-r", str(rate), "-c", "1", "-b", "16", "-e", "signed-integer", "-"]
+
+
+def resample(audio: npt.NDArray[np.int16], rate: int, to: int = RATE) -> npt.NDArray[np.int16]:
+    raw = subprocess.run(
+        ["sox", *_raw_args(rate), *_raw_args(to)],
+        input=audio.tobytes(),
+        capture_output=True,
+        check=True,
+    )
+    return np.frombuffer(raw.stdout, dtype=np.int16)
