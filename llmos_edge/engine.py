@@ -73,6 +73,9 @@ class EngineInfo:
     self_test: dict[str, str] = field(default_factory=dict)
 
 
+STREAM_INTERVAL = 0.02  # seconds between token messages while a generation streams
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
@@ -249,6 +252,8 @@ class _Worker:
         stats = job.stats
         t_prev: float | None = None
         work_start = time.perf_counter()
+        pending: list[str] = []
+        last_sent = 0.0
         gen = self.llm.generate(job.tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
         for tok in gen:
             if self.is_eog(self.vocab, tok):
@@ -265,7 +270,14 @@ class _Worker:
             stats.tokens_out += 1
             piece = job.decoder.decode(self.llm.detokenize([tok]))
             job.parts.append(piece)
-            self.conn.send(("token", job.rid, piece))
+            pending.append(piece)
+            # Coalesce: at hundreds of tokens a second a message per token costs the supervisor (and the console)
+            # CPU that the inference threads need. The first token goes at once; then at most one message per
+            # STREAM_INTERVAL, which is still smooth streaming for a person and frequent progress for the watchdog.
+            if stats.tokens_out == 1 or now - last_sent >= STREAM_INTERVAL:
+                self.conn.send(("token", job.rid, "".join(pending)))
+                pending.clear()
+                last_sent = now
             if self.duty < 1.0:  # pacing: rest in proportion to the work, so the average load is `duty`
                 time.sleep((now - work_start) * (1.0 - self.duty) / self.duty)
             work_start = time.perf_counter()
@@ -279,14 +291,17 @@ class _Worker:
                 # The last token is sampled but not yet evaluated; the saved state holds everything before it,
                 # so resuming evaluates it exactly as the uninterrupted run would have.
                 gen.close()
+                if pending:
+                    self.conn.send(("token", job.rid, "".join(pending)))
                 job.state = self.llm.save_state()
                 self.suspended[job.rid] = job
                 self.conn.send(("preempted", job.rid, replace(stats, stop="preempted", text="".join(job.parts))))
                 return
         tail = job.decoder.decode(b"", final=True)
-        if tail:
-            job.parts.append(tail)
-            self.conn.send(("token", job.rid, tail))
+        job.parts.append(tail)
+        pending.append(tail)
+        if "".join(pending):
+            self.conn.send(("token", job.rid, "".join(pending)))
         if job.decode_n and job.decode_s > 0:
             stats.decode_tok_s = job.decode_n / job.decode_s
         stats.text = "".join(job.parts)

@@ -33,7 +33,7 @@ def run(e: Engine, prompt: str, job: int, max_tokens: int = 64, stop_after: int 
         lambda: False,
         job=job,
         resume=resume,
-        preempt=lambda: bool(stop_after) and len(got) >= stop_after,
+        preempt=lambda: bool(stop_after) and len("".join(got)) >= stop_after,
     )
     assert "".join(got) == stats.text[len(stats.text) - len("".join(got)) :]
     return "".join(got) + ("|" if stats.stop == "preempted" else "")
@@ -42,8 +42,10 @@ def run(e: Engine, prompt: str, job: int, max_tokens: int = 64, stop_after: int 
 def test_preempted_generation_resumes_exactly(engine: Engine) -> None:
     whole = run(engine, "reverse abcdefghij", job=1)
     assert whole == "jihgfedcba"
-    first = run(engine, "reverse abcdefghij", job=2, stop_after=3)
-    assert first.endswith("|") and 3 <= len(first) - 1 < len(whole)
+    engine.set_limits(duty=0.1)  # slow enough that the preemption lands mid-answer, not after it
+    first = run(engine, "reverse abcdefghij", job=2, stop_after=1)
+    engine.set_limits(duty=1.0)
+    assert first.endswith("|") and 1 <= len(first) - 1 < len(whole)
     assert run(engine, "ping", job=3) == "pong"  # another request runs on the same context meanwhile
     rest = run(engine, "reverse abcdefghij", job=2, resume=True)
     assert first[:-1] + rest == whole
