@@ -115,6 +115,7 @@ def test_ctrl_c_and_cancel_stop_a_running_answer(appliance: Appliance) -> None:
     appliance.console.send("reverse abcdefghij\r")
     time.sleep(0.3)
     appliance.console.send(b"\x03")
+    time.sleep(0.3)  # the cancel reaches the worker's socket while the answer is still to come
     os.kill(pid, signal.SIGCONT)
     out = appliance.console.read_until(b"llmos> ", 10).decode()
     assert "[cancelled]" in out
