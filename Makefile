@@ -25,10 +25,12 @@ HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git esp
 .PHONY: help deps host-deps wheel venv lint typecheck unit integration test test-voice run-host docs clean
 
 help:
-	@echo "make run     build what is missing, then start llmos-edge (see README.md)"
+	@echo "make run     build what is missing, then boot the image in QEMU, console on this terminal"
+	@echo "make run-host  the supervisor on this machine, console on this terminal"
 	@echo "make test    everything: lint, types, unit, host integration, image tests"
+	@echo "make image   the flashable disk image; make flash DEVICE=/dev/sdX writes it"
 	@echo "make deps    host packages, the llama-cpp-python wheel (cached in $(CACHE)), the venv"
-	@echo "make model   rebuild the default model from model/ (PyTorch, about 5 min)"
+	@echo "make model   retrain the default model from model/ (PyTorch; took 40 min on 2 busy cores)"
 	@echo "make bench   benchmarks; results go to BENCHMARKS.md"
 
 deps: host-deps venv
