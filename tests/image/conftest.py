@@ -170,12 +170,14 @@ class Boot:
             self.vm.close()
 
 
-def boot(disk: Path, name: str, *, cpu: str = "", snapshot: bool = False) -> Boot:
+def boot(disk: Path, name: str, *, cpu: str = "", snapshot: bool = False, extra: list[str] | None = None) -> Boot:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     qmp = ARTIFACTS / f"{name}.qmp"
     qmp.unlink(missing_ok=True)
-    cfg = vmlib.VMConfig(image=disk, cpu=cpu, serial_port=port, snapshot=snapshot, qmp_socket=qmp)
+    cfg = vmlib.VMConfig(
+        image=disk, cpu=cpu, serial_port=port, snapshot=snapshot, qmp_socket=qmp, extra=list(extra or [])
+    )
     vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")
     serial_log = ARTIFACTS / f"{name}.serial.log"
     serial_log.unlink(missing_ok=True)
