@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_file = Path(loaded.config.database.path).with_suffix(".log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         print(f"llmos: logging to {log_file}; Ctrl-D at an empty prompt quits", file=sys.stderr)
+        # llama.cpp writes to file descriptor 2 from native code, in this process and the engine worker it starts:
+        # point the descriptor itself at the log, not just Python's logging.
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     # journald adds its own timestamps; a terminal or a file still wants them
     timestamps = log_file is not None or sys.stderr.isatty()
