@@ -30,8 +30,8 @@ bench-plotting: venv
 # Twice: with the appliance's two threads (the governor may choose fewer), and with one thread (pacing only), which
 # isolates the control law from the thread-count effect.
 bench-thermal: venv speed-model bench-plotting
-	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 2 --rounds 1 --section thermal --write
-	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 1 --rounds 1 --section thermal-1thread --write
+	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 2 --rounds 1 --duration 600 --section thermal --write
+	$(PY) bench/thermal.py --model $(SPEED_MODEL) --threads 1 --rounds 1 --duration 600 --section thermal-1thread --write
 
 bench-memory: venv speed-model $(SPEED_MODEL_25M) $(SPEED_MODEL_85M)
 	$(PY) bench/memory.py --write

@@ -35,6 +35,19 @@ from llmos_edge.sensors import Sensors
 from llmos_edge.thermal_sim import BoardModel, CpuProbe, ThermalSim, write_zone
 
 PROMPT = "the quick brown fox"
+WHERE_GAINS = (
+    "Where (c) gains: a step throttle, like (c'), slows every thread, and the heat budget is CPU time. Decode is "
+    "memory-bound, so fewer threads turn a CPU-second into more tokens (figures above); (c) spends the budget on the "
+    "fewest threads at full pace, dithering between neighbouring thread counts, and paces only below one thread. "
+    "(c') shows the control law alone: it holds the setpoint where (b) sits at its first step, about as much heat, "
+    "so (c') and (b) are close. The first ~100 board seconds, the climb at full load, are the same for every "
+    "policy; a longer run weighs the sustained state more.\n\n"
+)
+WHERE_ONE_THREAD = (
+    "With one thread there is no thread count to choose, so (c) is (c'): this is the control law alone. It holds "
+    "the setpoint; (b), with its first step at the same temperature, settles above it (see the time above "
+    "setpoint + 0.5 °C) and turns that extra heat into its extra tokens.\n\n"
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -84,20 +97,20 @@ class Run:
 
 
 class Workload:
-    """Generates continuously on the engine in a thread, counting tokens."""
+    """Generates continuously on the engine in a thread; `tokens` counts what it has generated so far."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.tokens = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _count(self, _text: str) -> None:
-        self.tokens += 1
+    @property
+    def tokens(self) -> int:
+        return self.engine.tokens_total  # streamed text comes coalesced; the engine counts the tokens in it
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.engine.generate(PROMPT, 200, self._count, self._stop.is_set)
+            self.engine.generate(PROMPT, 200, lambda _text: None, self._stop.is_set)
 
     def start(self) -> None:
         self._thread.start()
@@ -107,17 +120,26 @@ class Workload:
         self._thread.join(30)
 
 
-def calibrate(engine: Engine, seconds: float) -> float:
-    """The worker's CPU use (cores) running unthrottled: what counts as the board at full load."""
+def calibrate(engine: Engine, seconds: float, max_threads: int) -> dict[int, tuple[float, float]]:
+    """Per thread count, unthrottled: (CPU use in cores, tok/s). The largest count's CPU use is what counts as the
+    board at full load; the others show what the governor gains by running fewer threads."""
     probe = CpuProbe(lambda: engine.pid, 1.0)
     w = Workload(engine)
     w.start()
-    time.sleep(0.5)
-    probe.sample()
-    time.sleep(seconds)
-    cores, _ = probe.sample()
-    w.stop()
-    return max(0.2, cores)
+    out = {}
+    try:
+        for threads in sorted({1, max_threads}, reverse=True):
+            engine.set_limits(threads=threads, duty=1.0)
+            time.sleep(0.5)
+            probe.sample_cores()
+            tokens = w.tokens
+            time.sleep(seconds)
+            cores, wall = probe.sample_cores()
+            out[threads] = (max(0.05, cores), (w.tokens - tokens) / max(wall, 1e-6))
+    finally:
+        w.stop()
+        engine.set_limits(threads=max_threads, duty=1.0)
+    return out
 
 
 def run_interleaved(engine: Engine, args: argparse.Namespace, max_threads: int, full: float) -> dict[str, Run]:
@@ -156,7 +178,7 @@ def run_interleaved(engine: Engine, args: argparse.Namespace, max_threads: int, 
         # setpoint gains from what choosing fewer threads gains.
         pacing_only = controller("pacing", 1, max_threads)
         step = StepThrottle(args.setpoint, max_threads)
-        probe = CpuProbe(lambda: engine.pid, 1.0)  # cores, normalised below
+        probe = CpuProbe(lambda: engine.pid, 1.0)  # cores (sample_cores), normalised below
         work = Workload(engine)
         work.start()
         slice_s = 1.0 / args.time_scale  # wall seconds per board second
@@ -164,10 +186,10 @@ def run_interleaved(engine: Engine, args: argparse.Namespace, max_threads: int, 
         for i in range(int(args.duration) * len(policies)):
             p = policies[i % len(policies)]
             engine.set_limits(*limits[p])
-            probe.sample()
+            probe.sample_cores()
             tokens = work.tokens
             time.sleep(slice_s)
-            cores, wall = probe.sample()
+            cores, wall = probe.sample_cores()
             if p == "none":  # unthrottled: what full load is on this machine right now
                 full = 0.8 * full + 0.2 * max(cores, 0.05)
             load = min(1.0, cores / full)
@@ -240,8 +262,14 @@ def main() -> int:
     results: dict[str, list[Run]] = {"none": [], "step": [], "pacing": [], "governor": []}
     try:
         # One plant for every run: "full load" is measured once, so each policy heats the same simulated board.
-        full = calibrate(engine, args.calibrate)
-        print(f"full load: {full:.2f} cores", flush=True)
+        speeds = calibrate(engine, args.calibrate, args.threads)
+        full = speeds[args.threads][0]
+        for n, (cores, rate) in sorted(speeds.items()):
+            print(
+                f"{n} thread(s) unthrottled: {cores:.2f} cores, {rate:.0f} tok/s, {rate / cores:.0f} tokens per "
+                "CPU-second",
+                flush=True,
+            )
         for r in range(args.rounds):
             for policy, run in run_interleaved(engine, args, args.threads, full).items():
                 results[policy].append(run)
@@ -292,34 +320,39 @@ def main() -> int:
                 f"({', '.join(map(str, tok))}) | {vs:.2f}x |"
             )
         board = BoardModel()
+        plural = "s" if args.threads > 1 else ""
         body = (
-            f"Model `{args.model.name}`, {args.threads} threads, context 512, continuous greedy generation. "
+            f"Model `{args.model.name}`, {args.threads} thread{plural}, context 512, continuous greedy generation. "
             f"Simulated {board.name}: ambient {board.ambient_c:g} °C, R {board.r_th:g} K/W, tau {board.tau_s:g} s, "
             f"{board.idle_w:g} W idle + {board.load_w:g} W at full load (full load = the worker's unthrottled CPU use, "
             f"followed live from policy (a)'s slices; {full:.2f} cores at the start). {args.duration:g} board "
             "seconds per policy at "
             f"{args.time_scale:g}x; the policies take turns on the one worker, one board second each, so they share "
-            f"the machine's changing load (see `run_interleaved`). {args.rounds} rounds; medians shown, each "
-            "round's tokens in brackets. (b) caps the clock to 1.5/2.4 at 75 °C and "
-            "1.0/2.4 at 80 °C (2 °C hysteresis), applied as a duty cycle on all threads. (c') is our controller "
-            "with pacing as its only actuator (all threads kept), to separate what holding the setpoint gains from "
-            "what running fewer threads gains. "
+            f"the machine's changing load (see `run_interleaved`). {args.rounds} round"
+            f"{'s' if args.rounds > 1 else ''}; medians shown, each round's tokens in brackets. (b) caps the clock "
+            "to 1.5/2.4 at 75 °C and 1.0/2.4 at 80 °C (2 °C hysteresis), applied as a duty cycle on all threads. "
+            "(c') is our controller with pacing as its only actuator (all threads kept), to separate what holding "
+            "the setpoint gains from what running fewer threads gains. "
             f"Load average when the run ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.\n\n"
             + "\n".join(rows)
             + f"\n\n**(c) overshoot: {overshoot:+.2f} °C** (target <= 1 °C); **(c)/(b) tokens: {ratio:.2f}x** "
             f"(per round: {', '.join(f'{x:.2f}' for x in ratios)}; target >= 1.15x).\n\n"
-            "Where (c) gains: (c') shows what holding the setpoint instead of dropping to a fixed step is worth; the "
-            "rest of (c)'s lead comes from spending the heat budget on fewer threads at full pace rather than slowing "
-            "every thread. On this shared 2-core machine that second effect is exaggerated: with other work "
-            "competing for the cores, two llama.cpp threads wait on each other and decode far slower than one. On a "
-            "board with dedicated cores expect (c) nearer (c').\n\n"
-            f"![temperature and tok/s over board time](bench/{args.section}.png)\n"
+            "Unthrottled speed per thread count, measured at the start of this run: "
+            + "; ".join(
+                f"{n} thread{'s' if n > 1 else ''}: {rate:.0f} tok/s on {cores:.2f} cores ({rate / cores:.0f} tokens "
+                "per CPU-second)"
+                for n, (cores, rate) in sorted(speeds.items())
+            )
+            + ".\n\n"
+            + (WHERE_ONE_THREAD if args.threads == 1 else WHERE_GAINS)
+            + f"![temperature and tok/s over board time](bench/{args.section}.png)\n"
         )
         write_section(
             args.section,
-            f"Thermal: no governor vs firmware-like step throttle vs llmos governor ({args.threads} threads)",
+            f"Thermal: no governor vs firmware-like step throttle vs llmos governor ({args.threads} "
+            f"thread{'s' if args.threads > 1 else ''})",
             f"make bench-thermal (python bench/thermal.py --model {args.model.name} --threads {args.threads} "
-            f"--rounds {args.rounds} --section {args.section} --write)",
+            f"--rounds {args.rounds} --duration {args.duration:g} --section {args.section} --write)",
             body,
         )
     return 0

@@ -79,7 +79,7 @@ def main() -> int:
     body = (
         f"{args.rounds} spoken questions ({', '.join(repr(q) for q in QUESTIONS)}; espeak-ng en-us), "
         f"{len(rows)} answered, {heard_ok} heard exactly; model {MODEL.name}, 2 threads; load average "
-        f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs share the cores).\n\n"
+        f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n\n"
         "| end of speech -> first audio of the answer | p50 | p95 |\n|---|---|---|\n"
         f"| ms | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} |\n\n"
         "Medians of the parts (ms): "

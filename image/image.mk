@@ -2,7 +2,9 @@
 # PYTHON, VENV, PY).
 #   make image-deps            host tools (mkosi 24, systemd 254, QEMU, OVMF, erofs-utils, bmaptool), idempotent
 #   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
-#   make run [CPU=Nehalem]     boot a copy of it in QEMU, serial console on this terminal (Ctrl-A X quits)
+#   make run [CPU=Nehalem] [SOUND=none|alsa]
+#                              boot a copy of it in QEMU, serial console on this terminal (Ctrl-A X quits); SOUND
+#                              adds a sound card (silent, or this host's ALSA devices) for the voice front-end
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
 
@@ -16,9 +18,10 @@ IMAGE_RELEASE = $(shell $(PYTHON) image/aptsources.py codename)
 DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 IMAGE_SOURCES := mkosi.conf $(shell find image/repart rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
-	pyproject.toml $(wildcard llmos_edge/*.py)
+	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 CPU ?=
 MEM ?= 1024
+SOUND ?=
 
 .PHONY: image-deps image-wheels image image-xz run flash image-test
 
@@ -28,19 +31,28 @@ deps: image-deps
 image-deps:
 	@bash image/hostdeps.sh
 
-# Third-party wheels, resolved once per pyproject.toml change; the llama-cpp-python wheel comes from $(WHEELS)
+# The image's third-party requirements: the project's dependencies and its `voice` extra. The file is rewritten
+# only when the list changes (not on every pyproject.toml edit), and the wheels below are resolved again exactly then.
+IMAGE_REQUIREMENTS := $(IMAGE_WHEELS)/.requirements.txt
+$(IMAGE_REQUIREMENTS): FORCE_CHECK
+	@mkdir -p $(@D)
+	@$(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(p["dependencies"] + p["optional-dependencies"]["voice"]))' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
+# Third-party wheels, resolved once per requirements change; the llama-cpp-python wheel comes from $(WHEELS)
 # (all CPU variants, built once by `make wheel`). pip goes in as a wheel too: it runs the offline install.
-$(IMAGE_WHEELS)/.deps.ok: pyproject.toml $(LLAMA_WHEEL_STAMP) $(VENV)/.ok
+$(IMAGE_WHEELS)/.deps.ok: $(IMAGE_REQUIREMENTS) $(LLAMA_WHEEL_STAMP) $(VENV)/.ok
 	@mkdir -p $(IMAGE_WHEELS)
-	@echo "== image wheels: dependencies of llmos-edge into $(IMAGE_WHEELS)"
+	@echo "== image wheels: dependencies of llmos-edge[voice] into $(IMAGE_WHEELS)"
 	$(PY) -m pip wheel -q --wheel-dir $(IMAGE_WHEELS) --find-links $(WHEELS) --prefer-binary \
-	  pip $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+	  pip -r $(IMAGE_REQUIREMENTS)
 	@ls $(IMAGE_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	  { echo "image-wheels: no llama-cpp-python wheel in $(IMAGE_WHEELS) (hint: run make wheel)"; exit 1; }
 	@touch $@
 
 # The project's own wheel, rebuilt whenever its sources change (same version, so the file is replaced).
-$(IMAGE_WHEELS)/.project.ok: $(IMAGE_WHEELS)/.deps.ok pyproject.toml $(wildcard llmos_edge/*.py)
+$(IMAGE_WHEELS)/.project.ok: $(IMAGE_WHEELS)/.deps.ok pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 	@rm -f $(IMAGE_WHEELS)/llmos_edge-*.whl
 	$(PY) -m pip wheel -q --no-deps --wheel-dir $(IMAGE_WHEELS) .
 	@touch $@
@@ -124,7 +136,7 @@ $(RUN_DISK): $(IMAGE)
 	truncate -s $(RUN_DISK_SIZE) $@
 
 run: $(RUN_DISK)
-	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU))
+	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND))
 
 flash: $(IMAGE)
 	@test -n "$(DEVICE)" || { echo "flash: say where: make flash DEVICE=/dev/sdX" \

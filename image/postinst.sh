@@ -1,7 +1,7 @@
 #!/bin/bash
 # mkosi post-installation script: install the product into the image tree ($BUILDROOT).
-# Inputs come from `make image` as build sources: $SRCDIR/wheels (the project and every dependency as wheels,
-# built on the host, so the image needs no compiler) and $SRCDIR/model/default.gguf.
+# Inputs come from `make image` as build sources: $SRCDIR/wheels (the project and every dependency, including the
+# `voice` extra, as wheels built on the host, so the image needs no compiler) and $SRCDIR/model/default.gguf.
 set -euo pipefail
 
 wheels="$SRCDIR/wheels"
@@ -16,19 +16,21 @@ pip_wheel=$(ls "$wheels"/pip-*.whl | sort -V | tail -n 1)
 mkosi-chroot python3 -m venv --without-pip "$venv"
 mkosi-chroot "$venv/bin/python" "${pip_wheel/#$SRCDIR/$CHROOT_SRCDIR}/pip" install \
     --no-index --no-cache-dir --disable-pip-version-check --no-warn-script-location \
-    --find-links "${wheels/#$SRCDIR/$CHROOT_SRCDIR}" llmos-edge
+    --find-links "${wheels/#$SRCDIR/$CHROOT_SRCDIR}" "llmos-edge[voice]"
 ln -sf "$venv/bin/llmos" "$BUILDROOT/usr/bin/llmos"
 # sqlite-utils depends on pip only for its `sqlite-utils install` command; an appliance installs nothing at run time.
 rm -rf "$BUILDROOT$venv"/lib/python3*/site-packages/pip "$BUILDROOT$venv"/lib/python3*/site-packages/pip-*.dist-info \
     "$BUILDROOT$venv"/bin/pip*
+echo "llmos postinst: venv $(du -sh "$BUILDROOT$venv" | cut -f1)"
 
 echo "llmos postinst: installing the model ($(du -h "$model" | cut -f1))"
 install -D -m 0644 "$model" "$BUILDROOT/usr/share/llmos/models/default.gguf"
 
-# The service user; created now because /etc is read-only on the device.
+# The service user; created now because /etc is read-only on the device. dialout: the UART; audio: the sound
+# card for voice (/dev/snd/*, and ALSA's dmix/dsnoop shared memory, which alsa.conf gives to group audio).
 if ! mkosi-chroot getent passwd llmos >/dev/null; then
     mkosi-chroot useradd --system --home-dir /var/lib/llmos --no-create-home --shell /usr/sbin/nologin \
-        --user-group --groups dialout llmos
+        --user-group --groups dialout,audio llmos
 fi
 # Root stays locked: nobody logs in to an appliance; the product talks on the console.
 mkosi-chroot passwd --lock root >/dev/null

@@ -3,9 +3,11 @@
 
 UEFI (OVMF) on q35, the image as a virtio disk, the first UART (ttyS0, the product's console) either on this
 terminal or on a TCP socket that waits for its client (so a test loses no byte of the boot). KVM is used only when
-a probe shows it can run a guest; otherwise software emulation (TCG) with `-cpu max`.
+a probe shows it can run a guest; otherwise software emulation (TCG) with `-cpu max`. Without --sound the machine
+has no sound card (the appliance then says `voice: no microphone`); with it, an Intel HD Audio card whose line-in
+and line-out go to a QEMU audio backend: `none` (silence in, nothing out) or `alsa` (this host's default devices).
 
-  vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot]
+  vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot] [--sound none]
   vm.py probe-kvm
 """
 
@@ -100,7 +102,20 @@ class VMConfig:
     snapshot: bool = False  # writes go to a temporary overlay; the image file stays as it was
     accel: str = ""  # empty: probe
     qmp_socket: Path | None = None  # QEMU's control socket, for a clean ACPI power-off
+    # QEMU -audiodev backend (and its options) of an emulated sound card, e.g. "none" or "alsa,in.dev=mic";
+    # empty: no sound card
+    sound: str = ""
     extra: list[str] = field(default_factory=list)
+
+
+def sound_card(audiodev: str) -> list[str]:
+    """An ICH9 HD Audio controller (q35's own) with a duplex codec: line-in is the guest's microphone, line-out its
+    speaker; the guest's snd-hda-intel and snd-hda-codec-generic drive them."""
+    return [
+        "-audiodev", f"{audiodev},id=snd0",
+        "-device", "ich9-intel-hda",
+        "-device", "hda-duplex,audiodev=snd0",
+    ]  # fmt: skip
 
 
 def command(cfg: VMConfig, vars_file: Path) -> list[str]:
@@ -141,6 +156,8 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
         cmd += ["-serial", "mon:stdio"]
     if cfg.qmp_socket is not None:
         cmd += ["-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
+    if cfg.sound:
+        cmd += sound_card(cfg.sound)
     return cmd + cfg.extra
 
 
@@ -223,7 +240,8 @@ def run(cfg: VMConfig) -> int:
     vm = VM(cfg)
     accel = vm.cmd[vm.cmd.index("-accel") + 1]
     cpu = vm.cmd[vm.cmd.index("-cpu") + 1]
-    print(f"== booting {cfg.image} in QEMU ({accel}, -cpu {cpu}, {cfg.mem_mib} MiB); ", end="", file=sys.stderr)
+    card = f", sound card on -audiodev {cfg.sound}" if cfg.sound else ""
+    print(f"== booting {cfg.image} in QEMU ({accel}, -cpu {cpu}, {cfg.mem_mib} MiB{card}); ", end="", file=sys.stderr)
     if cfg.serial_port:
         print(f"serial console on 127.0.0.1:{cfg.serial_port} (QEMU waits for a client)", file=sys.stderr)
     else:
@@ -247,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--serial-port", type=int, default=0, help="serve ttyS0 on 127.0.0.1:PORT instead")
     r.add_argument("--snapshot", action="store_true", help="leave the image file unchanged")
     r.add_argument("--accel", choices=["kvm", "tcg"], default="")
+    r.add_argument(
+        "--sound",
+        default="",
+        metavar="BACKEND",
+        help="add a sound card whose audio goes to this QEMU -audiodev backend: none (silence) or alsa (this host)",
+    )
     sub.add_parser("probe-kvm", help="say whether KVM can run guests here")
     args = parser.parse_args(argv)
     try:
@@ -262,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             serial_port=args.serial_port,
             snapshot=args.snapshot,
             accel=args.accel,
+            sound=args.sound,
         )
         return run(cfg)
     except VMError as e:

@@ -157,7 +157,10 @@ class GovernorConfig:
         minimum=0,
     )
     memory_reserve_mb: int = setting(
-        96, "Memory kept for the supervisor and the system when the budget is automatic (MiB).", minimum=0
+        96,
+        "Memory kept for the supervisor and the system when the budget is automatic (MiB); another 160 MiB when "
+        "the voice front-end will run (it finds a microphone).",
+        minimum=0,
     )
     min_available_mb: int = setting(
         48,

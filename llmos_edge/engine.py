@@ -7,7 +7,7 @@ multiprocessing Connection, with small tuples:
   parent -> worker: ("init", EngineSettings) first, then
                     ("generate", rid, prompt, max_tokens, temperature, seed) | ("cancel", rid) | ("shutdown",)
   worker -> parent: ("cpu", variant) | ("loaded", info) | ("load_failed", message)
-                    ("token", rid, text) | ("done", rid, stats) | ("error", rid, message)
+                    ("token", rid, text, n_tokens) | ("done", rid, stats) | ("error", rid, message)
 
 This module imports no front-end and no governor (ARCHITECTURE.md): the supervisor wires it to the rest.
 """
@@ -275,7 +275,7 @@ class _Worker:
             # CPU that the inference threads need. The first token goes at once; then at most one message per
             # STREAM_INTERVAL, which is still smooth streaming for a person and frequent progress for the watchdog.
             if stats.tokens_out == 1 or now - last_sent >= STREAM_INTERVAL:
-                self.conn.send(("token", job.rid, "".join(pending)))
+                self.conn.send(("token", job.rid, "".join(pending), len(pending)))
                 pending.clear()
                 last_sent = now
             if self.duty < 1.0:  # pacing: rest in proportion to the work, so the average load is `duty`
@@ -292,16 +292,15 @@ class _Worker:
                 # so resuming evaluates it exactly as the uninterrupted run would have.
                 gen.close()
                 if pending:
-                    self.conn.send(("token", job.rid, "".join(pending)))
+                    self.conn.send(("token", job.rid, "".join(pending), len(pending)))
                 job.state = self.llm.save_state()
                 self.suspended[job.rid] = job
                 self.conn.send(("preempted", job.rid, replace(stats, stop="preempted", text="".join(job.parts))))
                 return
         tail = job.decoder.decode(b"", final=True)
         job.parts.append(tail)
-        pending.append(tail)
-        if "".join(pending):
-            self.conn.send(("token", job.rid, "".join(pending)))
+        if "".join(pending) or tail:
+            self.conn.send(("token", job.rid, "".join(pending) + tail, len(pending)))
         if job.decode_n and job.decode_s > 0:
             stats.decode_tok_s = job.decode_n / job.decode_s
         stats.text = "".join(job.parts)
@@ -377,6 +376,21 @@ def worker_main(fd: int) -> None:
 # Supervisor side
 
 
+# llama.cpp's CPU backend runs its threads under OpenMP, and libgomp's idle threads spin for 300,000 iterations
+# before they sleep. While the governor paces generation (rests between tokens) that spinning turned the rest into
+# CPU work: two threads at duty 0.5 still used 1.5 cores here, so pacing cooled the board far less than it should.
+# 20,000 iterations leave decode speed unchanged (measured: 688 vs 671-686 tok/s) and make a rest a rest (0.98 cores).
+GOMP_SPINCOUNT = "20000"
+
+
+def worker_environment() -> dict[str, str]:
+    """The worker's environment: ours, plus an OpenMP spin limit unless the user has set one."""
+    env = dict(os.environ)
+    if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    return env
+
+
 class Engine:
     """The supervisor's handle on the worker process: start, generate (blocking, streaming), cancel, stop.
 
@@ -396,6 +410,7 @@ class Engine:
         self.info = EngineInfo()
         self.last_progress = time.monotonic()
         self.busy = False
+        self.tokens_total = 0  # tokens generated since this Engine was made, across worker restarts
         self.bad_cpu: list[str] = list(settings.exclude_cpu)
         self._send_lock = threading.Lock()  # the scheduler thread and the governor both send
         self.duty = 1.0
@@ -443,6 +458,7 @@ class Engine:
                 [sys.executable, "-m", "llmos_edge.engine", str(child_sock.fileno())],
                 pass_fds=[child_sock.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=worker_environment(),
             )
             child_sock.close()
             parent = multiprocessing.connection.Connection(parent_sock.detach())
@@ -534,6 +550,7 @@ class Engine:
                         continue  # a late message of an earlier, abandoned request
                     self.last_progress = time.monotonic()
                     if msg[0] == "token":
+                        self.tokens_total += msg[3]
                         on_token(msg[2])
                     elif msg[0] in ("done", "preempted"):
                         stats: GenerationStats = msg[2]

@@ -132,6 +132,7 @@ class Governor:
         self.memory_reason = ""
         self._calm_since: float | None = None
         self.budget = 0  # bytes the worker may use; 0 until the first pre-flight
+        self.reserve_extra = 0  # bytes kept back beyond memory_reserve_mb (the voice front-end's share)
         self.estimate: MemoryEstimate | None = None
         self.worker_rss = 0
         self.shortened = 0
@@ -173,7 +174,7 @@ class Governor:
             return 0  # unknown: no budget is enforced
         # The worker being replaced (on a reload) still counts as used; what it holds is ours to reuse.
         room = mem.headroom + self.worker_rss
-        return max(0, room - self.cfg.memory_reserve_mb * MIB)
+        return max(0, room - self.cfg.memory_reserve_mb * MIB - self.reserve_extra)
 
     def preflight(self, info: GGUFInfo, wanted_ctx: int) -> int:
         """The context to load `info` with: the largest up to `wanted_ctx` that fits the budget. Raises UserError
@@ -223,11 +224,15 @@ class Governor:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.cfg.interval):
+        # The first decision at once, not one interval in: the supervisor's self-test must know if the board
+        # booted hot before it asks for a generation.
+        while True:
             try:
                 self.tick()
             except Exception:  # the governor must outlive a sensor glitch; the next tick tries again
                 log.exception("governor tick failed")
+            if self._stop.wait(self.cfg.interval):
+                return
 
     def tick(self, now: float | None = None) -> None:
         """One decision: read, decide, act. `now` lets tests and the benchmark run on simulated time."""

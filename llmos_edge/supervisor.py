@@ -2,8 +2,9 @@
 
 It tells systemd READY=1 once it has reached a steady state: the model answered its self-test (serving), or the
 model cannot be used for a reason a person must fix (degraded: the console still answers /status with the reason
-instead of the service restarting in a loop). WATCHDOG=1 is sent only while the supervisor's threads are alive
-and the engine is idle or making progress; STATUS= is a one-line summary.
+instead of the service restarting in a loop). A board that boots above its critical temperature waits to cool
+before the self-test, asking systemd for more time (EXTEND_TIMEOUT_USEC) meanwhile. WATCHDOG=1 is sent only while
+the supervisor's threads are alive and the engine is idle or making progress; STATUS= is a one-line summary.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineError, EngineSettings, default_threads
 from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
-from llmos_edge.models import GGUFInfo, read_gguf
+from llmos_edge.models import MIB, GGUFInfo, read_gguf
 from llmos_edge.scheduler import Request, Scheduler
 from llmos_edge.sensors import thermal_zones
 from llmos_edge.store import Store
-from llmos_edge.voice import Voice  # voice (issue 6)
+from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
 
 log = logging.getLogger(__name__)
 
 CRASH_LOOP = (5, 60.0)  # this many restarts within this many seconds is a crash loop
 STABLE_AFTER = 60.0  # seconds of uptime after which the restart backoff starts over
+HOT_BOOT_EXTEND_S = 30  # while booting hot, each EXTEND_TIMEOUT_USEC gives systemd this much more patience
 
 
 @dataclass
@@ -122,6 +124,10 @@ class Supervisor:
             )
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status_lines, c.model.max_tokens)
+        if self.voice.will_run():
+            # The model's memory budget is set before voice starts (after READY): leave voice its room now.
+            self.governor.reserve_extra = VOICE_MEMORY_MB * MIB
+            log.info("memory: %d MiB reserved for the voice front-end", VOICE_MEMORY_MB)
 
     # -- memory --------------------------------------------------------------------------------------------
     def _engine_rss(self) -> int:
@@ -258,8 +264,22 @@ class Supervisor:
 
     def _wait_until_steady(self) -> None:
         """Block until serving (self-test passed) or failed for a reason a person must fix; then READY=1."""
+        hot_since: float | None = None
         while not self.stopping.is_set():
             if self.engine_ready.wait(0.2):
+                if self.governor.thermal in ("critical", "cooling"):
+                    # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
+                    # board to cool, telling systemd we are still starting so it does not kill us for being slow;
+                    # the console already answers, with the reason.
+                    if hot_since is None:
+                        hot_since = time.monotonic()
+                        self.self_test = "waiting for the board to cool"
+                        log.warning("self-test waits: %s", self.governor.refusal_thermal())
+                        self.store.event("self_test_waiting", self.governor.refusal_thermal())
+                    self.notifier.notify(f"EXTEND_TIMEOUT_USEC={HOT_BOOT_EXTEND_S * 1_000_000}")
+                    self._notify_status()
+                    self.stopping.wait(1.0)
+                    continue
                 if self._self_test():
                     self.store.event("ready", f"self-test {self.self_test}")
                     break
@@ -376,7 +396,8 @@ class Supervisor:
                 self.control = None
         self._wait_until_steady()
         if not self.stopping.is_set():
-            self.voice.start()  # voice (issue 6)
+            # voice (issue 6): loading its models takes seconds on a slow board; the watchdog loop must not wait.
+            threading.Thread(target=self.voice.start, name="voice-start", daemon=True).start()
         interval = _watchdog_interval()
         last_ping = 0.0
         while not self.stopping.wait(0.5):

@@ -106,8 +106,9 @@ class CpuProbe:
             return None
         return float(t.user + t.system)
 
-    def sample(self) -> tuple[float, float]:
-        """(load 0..1, wall seconds since the previous sample). A new or vanished process reads as idle."""
+    def sample_cores(self) -> tuple[float, float]:
+        """(cores in use, wall seconds since the previous sample), uncapped. A new or vanished process reads as
+        idle."""
         now = time.monotonic()
         pid = self.pid()
         cpu = self._cpu(pid) if pid else None
@@ -117,7 +118,12 @@ class CpuProbe:
         wall = now - last[2]
         if wall <= 0:
             return 0.0, 0.0
-        return min(1.0, max(0.0, (cpu - last[1]) / wall / self.full_cores)), wall
+        return max(0.0, (cpu - last[1]) / wall), wall
+
+    def sample(self) -> tuple[float, float]:
+        """(load 0..1, wall seconds since the previous sample): cores in use as a share of `full_cores`."""
+        cores, wall = self.sample_cores()
+        return min(1.0, cores / self.full_cores), wall
 
 
 class SimulatedZone:

@@ -15,12 +15,15 @@ SPEEDS = [140, 175]
 
 
 def render(text: str, voice: str = "en-us", speed: int = 160, rate: int = RATE) -> npt.NDArray[np.int16]:
-    """`text` spoken by espeak-ng, as 16-bit mono at `rate` (sox resamples espeak-ng's 22,050 Hz)."""
+    """`text` spoken by espeak-ng, as 16-bit mono at `rate` (sox resamples espeak-ng's 22,050 Hz).
+
+    sox -D: sox dithers when it resamples, with new random noise on every run, so the same phrase came out as
+    slightly different audio each time and recognition near a threshold changed from run to run."""
     wav = subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True
     )
     raw = subprocess.run(
-        ["sox", "-t", "wav", "-", "-t", "raw", "-r", str(rate), "-c", "1", "-b", "16", "-e", "signed-integer", "-"],
+        ["sox", "-D", "-t", "wav", "-", *_raw_args(rate)],
         input=wav.stdout,
         capture_output=True,
         check=True,
@@ -69,7 +72,7 @@ def _raw_args(rate: int) -> list[str]:
 
 def resample(audio: npt.NDArray[np.int16], rate: int, to: int = RATE) -> npt.NDArray[np.int16]:
     raw = subprocess.run(
-        ["sox", *_raw_args(rate), *_raw_args(to)],
+        ["sox", "-D", *_raw_args(rate), *_raw_args(to)],
         input=audio.tobytes(),
         capture_output=True,
         check=True,

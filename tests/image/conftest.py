@@ -170,13 +170,29 @@ class Boot:
             self.vm.close()
 
 
-def boot(disk: Path, name: str, *, cpu: str = "", snapshot: bool = False, extra: list[str] | None = None) -> Boot:
+def boot(
+    disk: Path,
+    name: str,
+    *,
+    cpu: str = "",
+    snapshot: bool = False,
+    sound: str = "",
+    extra: list[str] | None = None,
+) -> Boot:
+    """Boot `disk` and wait until the device is ready. `sound`: a QEMU -audiodev backend for an emulated sound card
+    (see image/vm.py); empty, the default, boots without one."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     qmp = ARTIFACTS / f"{name}.qmp"
     qmp.unlink(missing_ok=True)
     cfg = vmlib.VMConfig(
-        image=disk, cpu=cpu, serial_port=port, snapshot=snapshot, qmp_socket=qmp, extra=list(extra or [])
+        image=disk,
+        cpu=cpu,
+        serial_port=port,
+        snapshot=snapshot,
+        qmp_socket=qmp,
+        sound=sound,
+        extra=list(extra or []),
     )
     vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")
     serial_log = ARTIFACTS / f"{name}.serial.log"
@@ -263,6 +279,25 @@ def copy_from_var(img: Path, path_in_var: str, out: Path) -> Path:
         capture_output=True,
     )
     return out / Path(path_in_var).name
+
+
+def write_to_var(img: Path, tree: Path, files: dict[str, Path]) -> None:
+    """Copy local files into the image's var partition with debugfs (directories created as needed)."""
+    offset = partitions(img)["var"]["start"]
+    cmds = []
+    made: set[str] = set()
+    for dest in files:
+        parts = Path(dest).parent.parts[1:]
+        for i in range(1, len(parts) + 1):
+            d = "/" + "/".join(parts[:i])
+            if d not in made:
+                cmds.append(f"mkdir {d}")  # an existing directory is only a warning
+                made.add(d)
+    for dest, src in files.items():
+        cmds += [f"rm {dest}", f"write {src} {dest}"]
+    script = tree / "debugfs.cmds"
+    script.write_text("\n".join(cmds) + "\n")
+    subprocess.run(["debugfs", "-w", "-f", str(script), f"{img}?offset={offset}"], check=True, capture_output=True)
 
 
 def journal(img: Path, out: Path, *args: str) -> str:

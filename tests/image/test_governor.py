@@ -15,32 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_DISK_BYTES, Boot, boot, copy_from_var, journal, partitions
+from conftest import ROOT, TEST_DISK_BYTES, Boot, boot, copy_from_var, journal, write_to_var
 
 sys.path.insert(0, str(ROOT))
 from llmos_edge.thermal_sim import write_zone
 
 HOT = 77.0  # above the 75 °C setpoint, below the 85 °C critical limit: throttled, still answering
 SIM_ROOT = "/lib/llmos-thermal-sim"  # in the var partition, i.e. /var/lib/llmos-thermal-sim on the device
-
-
-def write_to_var(img: Path, tree: Path, files: dict[str, Path]) -> None:
-    """Copy local files into the image's var partition with debugfs (directories created as needed)."""
-    offset = partitions(img)["var"]["start"]
-    cmds = []
-    made: set[str] = set()
-    for dest in files:
-        parts = Path(dest).parent.parts[1:]
-        for i in range(1, len(parts) + 1):
-            d = "/" + "/".join(parts[:i])
-            if d not in made:
-                cmds.append(f"mkdir {d}")  # an existing directory is only a warning
-                made.add(d)
-    for dest, src in files.items():
-        cmds += [f"rm {dest}", f"write {src} {dest}"]
-    script = tree / "debugfs.cmds"
-    script.write_text("\n".join(cmds) + "\n")
-    subprocess.run(["debugfs", "-w", "-f", str(script), f"{img}?offset={offset}"], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,42 @@ def test_duty_cycle_and_threads_keep_the_answer_the_same(engine: Engine) -> None
     assert run(engine, "reverse stone", job=1) == "enots"
     engine.set_limits(threads=2, duty=1.0)
     assert run(engine, "reverse stone", job=2) == "enots"
+
+
+@pytest.mark.skipif(not SPEED_MODEL.exists(), reason="make speed-model builds it (the integration target does)")
+def test_pacing_rests_the_cpu_and_the_token_count_is_exact() -> None:
+    """Duty 0.25 on two threads must cost about a quarter of the CPU: OpenMP threads that spin through the rests
+    (libgomp's default) used well over half of it. CPU time, not wall time, so a busy machine changes little."""
+    import threading
+
+    from llmos_edge.thermal_sim import CpuProbe
+
+    e = Engine(EngineSettings(str(SPEED_MODEL), n_ctx=512, n_threads=2))
+    e.start()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            e.generate("the quick brown fox", 200, lambda _t: None, stop.is_set)
+
+    t = threading.Thread(target=work, daemon=True)
+    try:
+        probe = CpuProbe(lambda: e.pid, 1.0)
+        t.start()
+        cpu = {}
+        for duty in (1.0, 0.25):
+            e.set_limits(threads=2, duty=duty)
+            time.sleep(0.5)
+            probe.sample_cores()
+            time.sleep(3.0)
+            cpu[duty] = probe.sample_cores()[0]
+        print("worker CPU use (cores) by duty:", cpu)
+        assert cpu[0.25] < 0.45 * cpu[1.0], cpu
+    finally:
+        stop.set()
+        t.join(30)
+    # The coalesced stream still counts every token: a whole answer of known length.
+    before = e.tokens_total
+    stats = e.generate("the quick brown fox", 50, lambda _t: None, lambda: False)
+    assert e.tokens_total - before == stats.tokens_out
+    e.stop()

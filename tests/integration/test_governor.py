@@ -258,3 +258,24 @@ def test_no_oom_under_memory_pressure(appliance_factory: type[Appliance], tmp_pa
     assert not restarts, f"the worker was killed, not unloaded: {restarts}"
     log_text = app.output()
     assert "SIGKILL" not in log_text, log_text[-2000:]
+
+
+def test_a_board_that_boots_hot_waits_to_cool_before_its_self_test(
+    appliance_factory: type[Appliance], tmp_path: Path
+) -> None:
+    root = tmp_path / "sys-root"
+    write_zone(root, 92.0)
+    app = appliance_factory(config=governor(root))
+    # Not ready while hot: systemd is asked for more time instead, and the console says why.
+    app.notify.wait_for("EXTEND_TIMEOUT_USEC=", 60)
+    app.console.read_until(b"llmos> ", 10)
+    status = app.console.status()
+    assert status["state"] == "starting" and status["self-test"] == "waiting for the board to cool", status
+    assert "refused: the board is too hot (92.0 °C" in app.console.ask("hello")
+    app.notify.poll()
+    assert "READY=1" not in app.notify.messages
+    write_zone(root, 70.0)
+    app.wait_ready()
+    assert app.console.status()["self-test"].startswith("passed"), app.console.status()
+    kinds = [k for (k,) in sqlite3.connect(app.db).execute("SELECT kind FROM events ORDER BY id")]
+    assert kinds.index("self_test_waiting") < kinds.index("ready")

@@ -102,9 +102,15 @@ def by_clip(clips: list[np.ndarray], got: list[Interaction]) -> list[list[Intera
     return result
 
 
-# Issue 6 is open on this test: one run under heavy load took "turn on the lights" for "stop" (0 false accepts is
-# the requirement, and the thresholds have no margin yet). It runs with `make test-voice`, not `make test`, until
-# the recogniser's acceptance is tuned on phrases other than the ones that judge it.
+# Issue 6 is open on this test, so it runs with `make test-voice`, not `make test`. Since the fixtures render
+# deterministically (sox -D) it gives the same figures on every run: 121/136 commands recognised and 1/80 other
+# utterances accepted ("turn on the lights", en-us at 140 wpm, taken for "be quiet"); 0 false accepts is the
+# requirement. Acceptance rules were tried on a separate development set (4 other voices, 2 other speeds, 40 other
+# phrases, near-homophones among them) and none lowered false accepts there without losing more commands: free
+# phone-loop distance, a phone-loop garbage path in the grammar (7 s a decode), the dictation as a competing
+# grammar alternative (it beats correct commands too), voting over noise seeds, and a stricter limit when
+# dictation returns several words. Synthetic speech decodes poorly with the en-US model; a stronger recogniser
+# (the whisper backend, given a model file) is the way to a margin.
 @pytest.mark.voice_rates
 def test_commands_are_recognised_and_other_speech_is_never_a_command(tmp_path: Path) -> None:
     phrases = [(intent, p) for intent, ps in COMMANDS.items() for p in ps]
