@@ -397,7 +397,7 @@ class Supervisor:
         self._wait_until_steady()
         if not self.stopping.is_set():
             # voice (issue 6): loading its models takes seconds on a slow board; the watchdog loop must not wait.
-            threading.Thread(target=self.voice.start, name="voice-start", daemon=True).start()
+            threading.Thread(target=self.voice.start_when_present, name="voice-start", daemon=True).start()
         interval = _watchdog_interval()
         last_ping = 0.0
         while not self.stopping.wait(0.5):

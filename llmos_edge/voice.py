@@ -100,6 +100,7 @@ def make_recognizer(cfg: VoiceConfig) -> Recognizer:
 # What the running front-end adds to the supervisor's memory (onnxruntime, pocketsphinx and its English model):
 # measured in the image, the supervisor's RSS went from about 44 MiB to 180-197 MiB once voice listened.
 VOICE_MEMORY_MB = 160
+MIC_POLL_S = 10.0  # how often a missing microphone is looked for again
 
 
 class Voice:
@@ -135,6 +136,8 @@ class Voice:
         self._active: Request | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.device_missing = False  # the last start found no capture device (start_when_present looks again)
+        self.mic_poll_s = MIC_POLL_S
         self.on_interaction: Callable[[Interaction], None] = lambda _i: None  # tests and the benchmark listen here
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -148,12 +151,14 @@ class Voice:
         if self.cfg.enabled == "off":
             return False
         why = probe_capture(self.cfg.capture)
+        self.device_missing = bool(why)
         if why:
+            if why != self.state:  # said once, not at every look for a microphone plugged in later
+                if self.cfg.enabled == "on":
+                    log.error("voice: %s (voice.capture is %s)", why, self.cfg.capture)
+                else:
+                    log.info("voice: %s; voice front-end not started", why)
             self.state = why
-            if self.cfg.enabled == "on":
-                log.error("voice: %s (voice.capture is %s)", why, self.cfg.capture)
-            else:
-                log.info("voice: %s; voice front-end not started", why)
             return False
         try:
             self.recognizer = make_recognizer(self.cfg)
@@ -179,6 +184,13 @@ class Voice:
         for t in self._threads:
             t.start()
         return True
+
+    def start_when_present(self) -> None:
+        """`start`, and while the only thing missing is the capture device, look again every `mic_poll_s`
+        seconds: a USB microphone plugged in after boot starts voice without a restart."""
+        while not self.start():
+            if not self.device_missing or self._stop.wait(self.mic_poll_s):
+                return
 
     def stop(self) -> None:
         self._stop.set()

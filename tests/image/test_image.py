@@ -233,6 +233,11 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
     measure("voice_guest_s_from_ready_to_listening_nehalem", round(float(started[1]) - float(ready[1]), 1))
     kernel = journal(disk, tmp_path / "k", "-k", "-o", "cat")
     assert re.search(r"snd_hda_codec_generic hdaudioC\d+D\d+: autoconfig", kernel), "no HD Audio codec driver bound"
+    # The modules llmos.service's DeviceAllow= needs at its start (llmos-sound.conf, llmos-serial.conf) were loaded.
+    loaded = journal(disk, tmp_path / "m", "-u", "systemd-modules-load.service", "-o", "cat")
+    assert "Failed" not in loaded, loaded
+    for module in ("snd", "usbserial", "cdc_acm"):
+        assert re.search(rf"Inserted module '{module}'|Module '{module}' is built in", loaded), (module, loaded)
     db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
     starts = db.execute("SELECT exit_reason FROM starts").fetchall()
     assert starts == [("SIGTERM",)], f"the supervisor was restarted (by the watchdog?): {starts}"

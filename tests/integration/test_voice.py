@@ -216,3 +216,37 @@ def test_spoken_question_gets_the_models_answer_spoken(
     assert "voice: listening on mic (wake word 'computer', pocketsphinx); 2 interactions" in app.console.command(
         "/status"
     )
+
+
+def test_a_microphone_plugged_in_later_starts_voice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no asoundrc yet: the device "mic" does not exist
+    mic, speaker = tmp_path / "mic.raw", tmp_path / "speaker.wav"
+    audio = np.concatenate([silence(0.5), render("stop"), silence(1.0)])
+    voice = Voice(
+        VoiceConfig(capture="mic", playback="speaker", wake_word=""),
+        AnsweringScheduler(),  # type: ignore[arg-type]
+        Rows(),
+        lambda: [],
+        32,
+        realtime=False,
+        capture_samples=len(audio),
+    )
+    voice.mic_poll_s = 0.2
+    got: list[Interaction] = []
+    voice.on_interaction = got.append
+    looking = threading.Thread(target=voice.start_when_present, daemon=True)
+    looking.start()
+    deadline = time.monotonic() + 10
+    while not voice.state.startswith("cannot record from mic") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert voice.state.startswith("cannot record from mic") and voice.device_missing, voice.state
+    assert looking.is_alive()  # still looking
+    mic.write_bytes(audio.tobytes())
+    alsa_devices(tmp_path, mic, speaker)  # plugged in
+    looking.join(10)
+    assert not looking.is_alive() and not voice.device_missing, voice.state
+    voice.join(120)
+    voice.stop()
+    assert [it.heard.intent for it in got if it.heard is not None] == ["stop"]
