@@ -264,15 +264,15 @@ class Supervisor:
 
     def _wait_until_steady(self) -> None:
         """Block until serving (self-test passed) or failed for a reason a person must fix; then READY=1."""
-        hot_since: float | None = None
+        said_hot = False
         while not self.stopping.is_set():
             if self.engine_ready.wait(0.2):
                 if self.governor.thermal in ("critical", "cooling"):
                     # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
                     # board to cool, telling systemd we are still starting so it does not kill us for being slow;
                     # the console already answers, with the reason.
-                    if hot_since is None:
-                        hot_since = time.monotonic()
+                    if not said_hot:
+                        said_hot = True
                         self.self_test = "waiting for the board to cool"
                         log.warning("self-test waits: %s", self.governor.refusal_thermal())
                         self.store.event("self_test_waiting", self.governor.refusal_thermal())

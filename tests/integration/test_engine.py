@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmos_edge.engine import Engine, EngineSettings
+from llmos_edge.thermal_sim import CpuProbe
 from tests.integration.conftest import MODEL
 
 SPEED_MODEL = Path(
@@ -88,10 +90,6 @@ def test_duty_cycle_and_threads_keep_the_answer_the_same(engine: Engine) -> None
 def test_pacing_rests_the_cpu_and_the_token_count_is_exact() -> None:
     """Duty 0.25 on two threads must cost about a quarter of the CPU: OpenMP threads that spin through the rests
     (libgomp's default) used well over half of it. CPU time, not wall time, so a busy machine changes little."""
-    import threading
-
-    from llmos_edge.thermal_sim import CpuProbe
-
     e = Engine(EngineSettings(str(SPEED_MODEL), n_ctx=512, n_threads=2))
     e.start()
     stop = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -219,8 +220,6 @@ def test_spoken_question_gets_the_models_answer_spoken(
 
 
 def test_a_microphone_plugged_in_later_starts_voice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no asoundrc yet: the device "mic" does not exist
     mic, speaker = tmp_path / "mic.raw", tmp_path / "speaker.wav"
     audio = np.concatenate([silence(0.5), render("stop"), silence(1.0)])
