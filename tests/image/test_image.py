@@ -233,13 +233,12 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
     measure("voice_guest_s_from_ready_to_listening_nehalem", round(float(started[1]) - float(ready[1]), 1))
     kernel = journal(disk, tmp_path / "k", "-k", "-o", "cat")
     assert re.search(r"snd_hda_codec_generic hdaudioC\d+D\d+: autoconfig", kernel), "no HD Audio codec driver bound"
-    # The modules llmos.service's DeviceAllow= needs at its start (llmos-sound.conf, llmos-serial.conf) were loaded.
-    # snd is proven by the codec line above (udev often loads it first for the card, and then systemd-modules-load
-    # says nothing); the USB serial cores have no device here, so only systemd-modules-load can have loaded them.
-    loaded = journal(disk, tmp_path / "m", "-u", "systemd-modules-load.service", "-o", "cat")
-    assert "Failed" not in loaded, loaded
-    for module in ("usbserial", "cdc_acm"):
-        assert re.search(rf"Inserted module '{module}'|Module '{module}' is built in", loaded), (module, loaded)
+    # The modules llmos.service's DeviceAllow= needs at its start (llmos-sound.conf, llmos-serial.conf) were loaded:
+    # snd by the codec line above; the USB serial cores (no such device here, so only systemd-modules-load can have
+    # loaded them) by their registration lines. The kernel log, not systemd-modules-load's: its lines did not
+    # always reach the journal on disk.
+    for driver in ("usbserial_generic", "cdc_acm"):
+        assert f"registered new interface driver {driver}" in kernel, f"{driver} not loaded at boot"
     db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
     starts = db.execute("SELECT exit_reason FROM starts").fetchall()
     assert starts == [("SIGTERM",)], f"the supervisor was restarted (by the watchdog?): {starts}"
