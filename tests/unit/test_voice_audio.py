@@ -10,7 +10,7 @@ import pytest
 from llmos_edge.config import VoiceConfig
 from llmos_edge.errors import UserError
 from llmos_edge.voice import Voice
-from llmos_edge.voice_asr import PocketsphinxRecognizer, WhisperRecognizer
+from llmos_edge.voice_asr import NOISE_DB, PEAK, PocketsphinxRecognizer, WhisperRecognizer, conditioned
 from llmos_edge.voice_audio import probe_capture
 from llmos_edge.voice_vad import Endpointer, SileroVAD
 from tests.voice_fixtures import RATE, alsa_devices, render, silence
@@ -41,6 +41,17 @@ def test_vad_ignores_silence_and_steady_noise() -> None:
 @pytest.fixture(scope="module")
 def recognizer() -> PocketsphinxRecognizer:
     return PocketsphinxRecognizer(wake_word="computer", questions=["what model is this"])
+
+
+def test_recogniser_input_has_a_fixed_level_and_a_repeatable_noise_floor() -> None:
+    quiet, loud = render("status") // 8, render("status")
+    a = np.frombuffer(conditioned(quiet), dtype=np.int16)
+    assert np.array_equal(a, np.frombuffer(conditioned(quiet), dtype=np.int16))  # same audio, same input
+    assert abs(int(np.abs(a.astype(np.int32)).max()) - PEAK) < PEAK * 0.05
+    b = np.frombuffer(conditioned(loud), dtype=np.int16)
+    assert abs(int(np.abs(b.astype(np.int32)).max()) - PEAK) < PEAK * 0.05  # the level no longer depends on the input
+    floor = np.frombuffer(conditioned(silence(1.0)), dtype=np.int16).astype(np.float64)
+    assert abs(20 * np.log10(PEAK / floor.std()) - NOISE_DB) < 0.5  # digital silence becomes a noise floor
 
 
 def test_grammar_command_known_question_and_rejected_speech(recognizer: PocketsphinxRecognizer) -> None:

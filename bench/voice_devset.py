@@ -1,0 +1,111 @@
+"""Spoken-command recognition on the development set: the voices, speeds and other phrases that the recogniser's
+limits (llmos_edge/voice_asr.py) were chosen on. The tests judge on a different set (tests/integration/test_voice.py);
+keep the two apart, or the test stops measuring anything.
+
+Same pipeline as the test: espeak-ng speech into an ALSA file device -> VAD -> recogniser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_section
+from llmos_edge.voice_asr import COMMANDS
+from tests.integration.test_voice import by_clip, run_pipeline
+from tests.voice_fixtures import render
+
+VOICES = ["en-us+m2", "en-gb-scotland", "en-gb+f2", "en-us-nyc"]
+SPEEDS = [150, 185]
+# Everyday speech and near-homophones of the commands ("top", "statue", "temper", "how are you").
+OTHER = [
+    "go",
+    "shop",
+    "top",
+    "hello",
+    "yes",
+    "no",
+    "okay",
+    "start",
+    "the lights",
+    "lock the door",
+    "good morning",
+    "how are you",
+    "turn it off",
+    "next song",
+    "volume up",
+    "what time is it",
+    "open the window",
+    "i am hungry",
+    "thank you",
+    "remind me tomorrow",
+    "weather",
+    "pause",
+    "hot dog",
+    "mystery",
+    "help me with my homework",
+    "step",
+    "lemon",
+    "temper",
+    "statue",
+    "again",
+    "switch off the radio",
+    "where are my keys",
+    "make me a sandwich",
+    "i would like some coffee",
+    "send a message to john",
+    "how far is the moon",
+    "close the curtains",
+    "is it going to rain",
+    "turn the volume down",
+    "who won the game",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true", help="write the result to BENCHMARKS.md")
+    args = ap.parse_args()
+    phrases = [(intent, p) for intent, ps in COMMANDS.items() for p in ps]
+    cases = [(v, s, intent, p) for v in VOICES for s in SPEEDS for intent, p in phrases]
+    cases += [(v, s, "", p) for v in VOICES for s in SPEEDS for p in OTHER]
+    print(f"rendering {len(cases)} utterances and running them through the pipeline (a few minutes)", flush=True)
+    clips = [render(p, v, s) for v, s, _, p in cases]
+    with tempfile.TemporaryDirectory() as tmp:
+        got = by_clip(clips, run_pipeline(Path(tmp), clips))
+    ok: collections.Counter[str] = collections.Counter()
+    false: collections.Counter[str] = collections.Counter()
+    for (v, s, intent, phrase), its in zip(cases, got, strict=True):
+        intents = [it.heard.intent for it in its if it.heard is not None and it.heard.kind == "command"]
+        if intent:
+            ok[f"{v}@{s}"] += intents == [intent]
+        elif intents:
+            false[f"{phrase} -> {intents[0]}"] += 1
+    n_cmd, n_other = len(phrases) * len(VOICES) * len(SPEEDS), len(OTHER) * len(VOICES) * len(SPEEDS)
+    lines = [
+        f"Commands recognised: **{sum(ok.values())}/{n_cmd}**; other utterances taken for a command: "
+        f"**{sum(false.values())}/{n_other}**.",
+        "",
+        "| voice@wpm | commands |",
+        "|---|---|",
+        *(f"| {k} | {ok[k]}/{len(phrases)} |" for k in (f"{v}@{s}" for v in VOICES for s in SPEEDS)),
+        "",
+        "False accepts: " + (", ".join(f"{k} ({n})" for k, n in false.most_common()) or "none") + ".",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section(
+            "voice-devset",
+            "Voice: command recognition on the development set",
+            "make bench-voice-devset",
+            "\n".join(lines),
+        )
+
+
+if __name__ == "__main__":
+    main()
