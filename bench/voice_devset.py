@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import write_section
 from llmos_edge.voice_asr import COMMANDS
-from tests.integration.test_voice import by_clip, run_pipeline
-from tests.voice_fixtures import render
+from tests.integration.test_voice import recognition_rates
 
 VOICES = ["en-us+m2", "en-gb-scotland", "en-gb+f2", "en-us-nyc"]
 SPEEDS = [150, 185]
@@ -71,29 +70,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="write the result to BENCHMARKS.md")
     args = ap.parse_args()
-    phrases = [(intent, p) for intent, ps in COMMANDS.items() for p in ps]
-    cases = [(v, s, intent, p) for v in VOICES for s in SPEEDS for intent, p in phrases]
-    cases += [(v, s, "", p) for v in VOICES for s in SPEEDS for p in OTHER]
-    print(f"rendering {len(cases)} utterances and running them through the pipeline (a few minutes)", flush=True)
-    clips = [render(p, v, s) for v, s, _, p in cases]
+    n = len(VOICES) * len(SPEEDS) * (sum(map(len, COMMANDS.values())) + len(OTHER))
+    print(f"rendering {n} utterances and running them through the pipeline (a few minutes)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        got = by_clip(clips, run_pipeline(Path(tmp), clips))
-    ok: collections.Counter[str] = collections.Counter()
-    false: collections.Counter[str] = collections.Counter()
-    for (v, s, intent, phrase), its in zip(cases, got, strict=True):
-        intents = [it.heard.intent for it in its if it.heard is not None and it.heard.kind == "command"]
-        if intent:
-            ok[f"{v}@{s}"] += intents == [intent]
-        elif intents:
-            false[f"{phrase} -> {intents[0]}"] += 1
-    n_cmd, n_other = len(phrases) * len(VOICES) * len(SPEEDS), len(OTHER) * len(VOICES) * len(SPEEDS)
+        per_voice, false_accepts = recognition_rates(Path(tmp), VOICES, SPEEDS, OTHER)
+    false = collections.Counter(f"{phrase} -> {intents[0]}" for _, _, phrase, intents in false_accepts)
+    n_cmd = sum(n for _, n in per_voice.values())
+    n_other = len(OTHER) * len(VOICES) * len(SPEEDS)
     lines = [
-        f"Commands recognised: **{sum(ok.values())}/{n_cmd}**; other utterances taken for a command: "
-        f"**{sum(false.values())}/{n_other}**.",
+        f"Commands recognised: **{sum(ok for ok, _ in per_voice.values())}/{n_cmd}**; other utterances taken for a "
+        f"command: **{len(false_accepts)}/{n_other}**.",
         "",
         "| voice@wpm | commands |",
         "|---|---|",
-        *(f"| {k} | {ok[k]}/{len(phrases)} |" for k in (f"{v}@{s}" for v in VOICES for s in SPEEDS)),
+        *(f"| {k} | {ok}/{n} |" for k, (ok, n) in per_voice.items()),
         "",
         "False accepts: " + (", ".join(f"{k} ({n})" for k, n in false.most_common()) or "none") + ".",
     ]
