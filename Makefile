@@ -22,7 +22,7 @@ LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION).ok
 
 HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git espeak-ng alsa-utils sox
 
-.PHONY: help deps host-deps wheel venv lint typecheck unit integration test test-voice run-host docs clean
+.PHONY: help deps host-deps wheel vocab venv lint typecheck unit integration test test-voice run-host docs clean
 
 help:
 	@echo "make run     build what is missing, then boot the image in QEMU, console on this terminal"
@@ -33,7 +33,7 @@ help:
 	@echo "make model   retrain the default model from model/ (PyTorch; took 40 min on 2 busy cores)"
 	@echo "make bench   benchmarks; results go to BENCHMARKS.md"
 
-deps: host-deps venv
+deps: host-deps venv vocab
 
 host-deps:
 	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(HOST_PACKAGES) 2>/dev/null \
@@ -58,6 +58,21 @@ $(LLAMA_WHEEL_STAMP):
 	  $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 	touch $@
 
+# Real converters' GGUF headers (llama.cpp's vocab-only files: real tokenizers and chat templates, no weights) and
+# llama.cpp's chat templates, from the sdist the wheel is built from: test inputs nobody here made.
+VOCAB_DIR := $(CACHE)/vocab
+VOCAB_STAMP := $(VOCAB_DIR)/.ok
+export LLMOS_VOCAB_DIR := $(VOCAB_DIR)
+
+vocab: $(VOCAB_STAMP)
+
+$(VOCAB_STAMP): $(LLAMA_WHEEL_STAMP)
+	@mkdir -p $(VOCAB_DIR)
+	tar -xzf $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VOCAB_DIR) --strip-components=4 \
+	  --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*.gguf' '*/vendor/llama.cpp/models/templates/*.jinja'
+	@echo "== vocab: $$(ls $(VOCAB_DIR)/*.gguf | wc -l) vocab-only GGUFs in $(VOCAB_DIR)"
+	touch $@
+
 venv: $(VENV)/.ok
 
 $(VENV)/.ok: pyproject.toml $(LLAMA_WHEEL_STAMP)
@@ -77,11 +92,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: venv
+unit: venv vocab
 	$(VENV)/bin/pytest -q tests/unit
 
 # The speed model (random weights, seconds to make) gives the exact-resume test a long generation.
-integration: venv speed-model
+integration: venv vocab speed-model
 	LLMOS_SPEED_MODEL=$(SPEED_MODEL) $(VENV)/bin/pytest -q -m "not voice_rates" tests/integration
 
 # Spoken-command recognition rates per voice (issue 6; not yet part of `make test`, see tests/integration/test_voice.py)

@@ -138,6 +138,22 @@ class GGUFInfo:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
     @property
+    def n_vocab(self) -> int:
+        """Vocabulary size: `<arch>.vocab_size`, else the token list's length, else the token embedding's rows."""
+        v = self.arch("vocab_size")
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, (list, _ArrayLen)):
+            n = int(tokens) if isinstance(tokens, _ArrayLen) else len(tokens)
+            if n > 0:
+                return n
+        for t in self.tensors:
+            if t.name == "token_embd.weight" and len(t.shape) == 2:
+                return t.shape[1]
+        return 0
+
+    @property
     def weights_bytes(self) -> int:
         return sum(t.n_bytes or 0 for t in self.tensors)
 
@@ -347,9 +363,7 @@ def _shape(info: GGUFInfo) -> tuple[int, int, int, int]:
     n_head = int(info.arch("attention.head_count", 1)) or 1
     n_ff = info.arch("feed_forward_length", 4 * n_embd)
     n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
-    vocab = info.metadata.get("tokenizer.ggml.tokens")
-    n_vocab = int(info.arch("vocab_size", 0) or (len(vocab) if vocab is not None else 0))
-    return n_embd, n_head, n_ff, n_vocab
+    return n_embd, n_head, n_ff, info.n_vocab
 
 
 def compute_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
