@@ -26,6 +26,11 @@ examples:
 """
 
 
+# EX_CONFIG: llmos.service's RestartPreventExitStatus= names it, so systemd does not restart a supervisor that can
+# never start (a database it cannot open); the journal has the reason.
+EXIT_CANNOT_WORK = 78
+
+
 def _die(e: UserError) -> int:
     print(f"llmos: error: {e.message}", file=sys.stderr)
     if e.hint:
@@ -75,7 +80,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmos_edge.supervisor import Supervisor  # heavy imports only for the command that needs them
 
     try:
-        return Supervisor(loaded).run()
+        supervisor = Supervisor(loaded)
+    except UserError as e:
+        _die(e)
+        logging.getLogger("llmos").error("cannot start, and a restart would not help: %s", e)
+        return EXIT_CANNOT_WORK
+    try:
+        return supervisor.run()
     except UserError as e:
         return _die(e)
 
@@ -171,6 +182,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+
+    words = [args.action, *([str(Path(args.arg).resolve())] if args.action == "install" and args.arg else [])]
+    if args.action != "install" and args.arg:
+        words.append(args.arg)
+    for reply in call(_socket(args), {"op": "model", "args": " ".join(words)}):
+        if "progress" in reply:
+            print(f"[{reply['progress']}]", file=sys.stderr)
+        elif "done" in reply:
+            lines = reply["done"]["lines"]
+            print("\n".join(lines))
+            return 1 if any(" failed its gate " in line for line in lines) else 0
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from llmos_edge.control import call
 
@@ -237,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"config file to find the database in (e.g. {DEFAULT_CONFIG})",
     )
     lg.set_defaults(func=cmd_logs)
+
+    md = sub.add_parser(
+        "model",
+        help="the model store of the running supervisor: list, install PATH, activate NAME, rollback, remove NAME",
+        description="Install a GGUF model (checked, copied to the store, gated on the real engine, then active; "
+        "rolled back by itself if it fails), list, activate, roll back or remove models.",
+    )
+    md.add_argument("action", choices=["list", "install", "activate", "rollback", "remove"])
+    md.add_argument("arg", nargs="?", default="", metavar="PATH|NAME", help="a .gguf file (or a directory holding one)")
+    md.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    md.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    md.set_defaults(func=cmd_model)
 
     m = sub.add_parser("model-info", help="read a GGUF file's header: name, quantization, parameters")
     m.add_argument("path", metavar="MODEL.gguf")

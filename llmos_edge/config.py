@@ -31,7 +31,11 @@ def setting(
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = setting("/usr/share/llmos/models/default.gguf", "GGUF model file to load.")
+    path: str = setting(
+        "/usr/share/llmos/models/default.gguf",
+        "The built-in model (named `default`): loaded when no installed model is active, and the last rung of the "
+        "degradation ladder.",
+    )
     threads: int = setting(0, "Inference threads; 0 means one per CPU core.", minimum=0, maximum=256)
     context: int = setting(
         512,
@@ -44,6 +48,31 @@ class ModelConfig:
         0.0, "Sampling temperature; 0 is greedy (deterministic) decoding.", minimum=0.0, maximum=5.0
     )
     seed: int = setting(0, "Sampling seed, used when temperature > 0.", minimum=0, maximum=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    store: str = setting(
+        "/var/lib/llmos/models",
+        "Directory of the model store: models installed with `llmos model install` or `/model install`.",
+    )
+    ladder: bool = setting(
+        True,
+        "When the active model cannot run within the budgets (memory, a crash loop, a board too hot for it), fall "
+        "back to the next smaller installed model that fits (the built-in model.path last), and go back when the "
+        "cause is gone.",
+    )
+    recheck: float = setting(
+        30.0,
+        "Seconds between checks, while on a fallback model, of whether the preferred model can run again.",
+        minimum=0.1,
+    )
+    hot_for: float = setting(
+        120.0,
+        "Seconds the board must stay too hot for the model (critical, or throttled to governor.min_share) before "
+        "the ladder steps down to a smaller model; it steps back up after as long below the setpoint.",
+        minimum=0.1,
+    )
 
 
 @dataclass(frozen=True)
@@ -226,6 +255,7 @@ class VoiceConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -236,6 +266,7 @@ class Config:
 
 _SECTION_TYPES: dict[str, type[Any]] = {
     "model": ModelConfig,
+    "models": ModelsConfig,
     "console": ConsoleConfig,
     "database": DatabaseConfig,
     "engine": EngineConfig,

@@ -31,7 +31,9 @@ Commands:
   /help        this text
   /status      model, speed, memory, temperature, uptime, restarts, queue
   /logs [N]    the last N requests (default 5)
-  /cancel      stop the answer being generated (Ctrl-C does the same)"""
+  /cancel      stop the answer being generated (Ctrl-C does the same)
+  /model       the installed models; /model install PATH, /model activate NAME, /model rollback,
+               /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)"""
 
 # What a model generates is printed raw to someone's terminal: strip C0 controls (ESC sequences could restyle or
 # rewrite the terminal) except newline and tab.
@@ -209,7 +211,9 @@ class Console:
         max_tokens: int,
         port: Port | None = None,
         on_eof: Callable[[], None] | None = None,
+        model: Callable[[str, Callable[[str], None]], list[str]] | None = None,
     ) -> None:
+        self.model = model  # `/model ...`: the supervisor's model_command
         self.device, self.baud, self.echo = device, baud, echo
         self.on_eof = on_eof  # Ctrl-D at an empty prompt: only a terminal session may end the supervisor
         self.max_line = max_line
@@ -220,6 +224,7 @@ class Console:
         self._wlock = threading.Lock()
         self._stop = threading.Event()
         self.active: Request | None = None
+        self.op: threading.Thread | None = None  # a /model command running (installs take a while)
         self._busy_noticed = False
         self._last_notice = 0.0
         self._suppressed = 0
@@ -322,6 +327,9 @@ class Console:
             self._line(str(value))
 
     def _line(self, line: str) -> None:
+        if self.op is not None and self.op.is_alive():
+            self._notice("busy: a /model command is running; its result comes next")
+            return
         if self.active is not None:
             if line == "/cancel":
                 self.active.cancel()
@@ -354,9 +362,32 @@ class Console:
                 self.write("\n".join(self.logs(n) or ["(no requests yet)"]) + "\n")
         elif name == "/cancel":
             self.write("nothing to cancel\n")
+        elif name == "/model" and self.model is not None:
+            self._model(arg)
+            return
         else:
             self.write(f"error: unknown command {name}; type /help for the list\n")
         self.write(PROMPT)
+
+    def _model(self, arg: str) -> None:
+        """In its own thread: an install copies, loads and gates a model, which takes a while; the console meanwhile
+        keeps reading (and says busy) instead of stalling."""
+        model = self.model
+        assert model is not None
+
+        def run() -> None:
+            try:
+                lines = model(arg, lambda m: self.write(f"[{m}]\n"))
+                self.write("\n".join(lines or ["(no models)"]) + "\n")
+            except UserError as e:
+                self.write(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "") + "\n")
+            except Exception as e:  # a bug must cost this command, never the console
+                log.exception("/model %s", arg)
+                self.write(f"error: /model failed: {type(e).__name__}: {e}\n")
+            self.write(PROMPT)
+
+        self.op = threading.Thread(target=run, name="console-model", daemon=True)
+        self.op.start()
 
     def _ask(self, question: str) -> None:
         self._busy_noticed = False

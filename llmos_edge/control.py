@@ -7,6 +7,8 @@ A Unix socket (never a network port), one JSON object per line each way:
                                                         <- {"accepted": ID}, then with wait:
                                                            {"token": "..."} ... {"done": {"outcome": ..., ...}}
   -> {"op": "cancel", "id": ID}                         <- {"cancelled": true|false}
+  -> {"op": "model", "args": "install /media/MODELS/x.gguf"}
+                                                        <- {"progress": "..."} ..., then {"done": {"lines": [...]}}
   any error                                             <- {"error": "one sentence"}
 
 Like the console it is a front-end: it reaches the engine only through the scheduler.
@@ -34,8 +36,16 @@ MAX_REQUEST_BYTES = 1 << 20
 
 
 class ControlServer:
-    def __init__(self, path: str, scheduler: Scheduler, status: Callable[[], list[str]], max_tokens: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        scheduler: Scheduler,
+        status: Callable[[], list[str]],
+        max_tokens: int,
+        model: Callable[[str, Callable[[str], None]], list[str]] | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.model = model
         self.scheduler = scheduler
         self.status = status
         self.max_tokens = max_tokens
@@ -97,20 +107,39 @@ class ControlServer:
                 self._handle(msg, send)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away; a submitted request still runs and is logged
+            except Exception as e:  # one client's bad luck must not go unanswered, nor reach the other clients
+                log.exception("control request failed")
+                with contextlib.suppress(OSError):
+                    send({"error": f"internal error: {type(e).__name__}: {e}"})
 
     def _handle(self, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
         op = msg.get("op")
         if op == "status":
             send({"status": self.status()})
         elif op == "cancel":
-            req = self.scheduler.find(int(msg.get("id", 0)))
+            rid = msg.get("id")
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                send({"error": "cancel needs the request's id, an integer"})
+                return
+            req = self.scheduler.find(rid)
             if req is not None:
                 req.cancel()
             send({"cancelled": req is not None})
         elif op == "submit":
             self._submit(msg, send)
+        elif op == "model" and self.model is not None:
+            args = msg.get("args", "")
+            if not isinstance(args, str):
+                send({"error": 'model needs args as a string, e.g. "install /media/MODELS/x.gguf"'})
+                return
+            try:
+                lines = self.model(args, lambda m: send({"progress": m}))
+            except UserError as e:
+                send({"error": str(e)})
+                return
+            send({"done": {"lines": lines}})
         else:
-            send({"error": f"unknown op {op!r}; use status, submit or cancel"})
+            send({"error": f"unknown op {op!r}; use status, submit, cancel or model"})
 
     def _submit(self, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
         prompt, priority = msg.get("prompt"), msg.get("priority", "background")

@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    """A request could not be completed by the engine (crash, hang, unavailable model)."""
+    """A request could not be completed by the engine (crash, hang, unavailable model).
+
+    `transient`: the cause may be gone on the next try (a load that timed out, a worker the OOM killer took while
+    loading); otherwise the model file itself is the cause (llama.cpp refused it or crashed on it)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class IllegalInstruction(Exception):
@@ -485,11 +492,16 @@ class Engine:
                     break
             else:
                 self._kill_locked()
-                raise EngineError(f"the model did not load within {self.load_timeout:.0f} s")
+                raise EngineError(f"the model did not load within {self.load_timeout:.0f} s", transient=True)
             _wait(proc, 1)
             if proc.returncode == -signal.SIGILL and cpu not in ("", "builtin", *self.bad_cpu):
                 raise IllegalInstruction(cpu)
-            raise EngineError(f"the engine died while loading the model ({self.exit_description()})")
+            # SIGKILL while loading is the OOM killer (or a person): memory may be there on the next try. A crash of
+            # llama.cpp's own (an assertion, a segfault) comes from the file and would come again.
+            raise EngineError(
+                f"the engine died while loading the model ({self.exit_description()})",
+                transient=proc.returncode == -signal.SIGKILL,
+            )
 
     def generate(
         self,

@@ -35,7 +35,8 @@ from typing import Any, Protocol
 import psutil
 
 from llmos_edge.config import GovernorConfig
-from llmos_edge.models import MIB, GGUFInfo, MemoryEstimate, fit_context
+from llmos_edge.errors import UserError
+from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, MemoryEstimate, fit_context
 from llmos_edge.sensors import Reading, Sensors
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,39 @@ class Governor:
         # The worker being replaced (on a reload) still counts as used; what it holds is ours to reuse.
         room = mem.headroom + self.worker_rss
         return max(0, room - self.cfg.memory_reserve_mb * MIB - self.reserve_extra)
+
+    def memory_ceiling(self) -> int:
+        """The most the worker could ever get on this device (0: unknown): the configured budget, or the cgroup's
+        limit (else the machine's memory) less the reserves. A model over this can never load here; one under it
+        that is refused now was refused because memory was briefly short, and is tried again."""
+        if self.cfg.memory_budget_mb:
+            return self.cfg.memory_budget_mb * MIB
+        mem = self.sensors.read().memory
+        if mem is None or not mem.total:
+            return 0
+        cap = mem.total if mem.cgroup_limit is None else min(mem.total, mem.cgroup_limit)
+        return max(0, cap - self.cfg.memory_reserve_mb * MIB - self.reserve_extra)
+
+    def fits_ever(self, info: GGUFInfo) -> bool:
+        ceiling = self.memory_ceiling()
+        if not self.cfg.enabled or ceiling <= 0:
+            return True
+        try:
+            fit_context(info, ceiling, MIN_CONTEXT)
+        except UserError:
+            return False
+        return True
+
+    def fits_now(self, info: GGUFInfo) -> bool:
+        """Would `info` pass the pre-flight now (at the smallest context)? No event: the ladder asks this often."""
+        budget = self.memory_budget() if self.cfg.enabled else 0
+        if budget <= 0:
+            return True
+        try:
+            fit_context(info, budget, MIN_CONTEXT)
+        except UserError:
+            return False
+        return True
 
     def preflight(self, info: GGUFInfo, wanted_ctx: int) -> int:
         """The context to load `info` with: the largest up to `wanted_ctx` that fits the budget. Raises UserError

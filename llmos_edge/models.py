@@ -270,6 +270,15 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
     return info
 
 
+def check_loadable(info: GGUFInfo) -> None:
+    """Refuse, in one sentence, a file that reads as GGUF but that the engine cannot run."""
+    if not info.tensors:
+        raise UserError(
+            f"{info.path.name} holds no weights (a vocab-only GGUF, {info.architecture} tokenizer)",
+            "install a complete model file; vocab-only files only carry a tokenizer",
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory estimate: what the engine worker will hold in RAM for a model and context, from the header alone.
 

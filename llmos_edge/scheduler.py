@@ -116,6 +116,7 @@ class Scheduler:
         seed: int = 0,
         memory_mb: Callable[[], float] = lambda: 0.0,
         admit: Callable[[Request], str | None] = lambda _r: None,
+        unavailable: Callable[[], str] = lambda: "",
     ) -> None:
         self.engine = engine
         self.recorder = recorder
@@ -127,6 +128,9 @@ class Scheduler:
         self.seed = seed
         self.memory_mb = memory_mb
         self.admit = admit  # the governor's admission check: None to go ahead, or the reason to refuse
+        # While no engine is ready: "" if one is coming (loading, restarting: the request waits, up to its
+        # deadline), else why none will come without a person (then the request is answered at once).
+        self.unavailable = unavailable
         self.paused = ""  # why the queue is paused (the governor's actuator); empty when running
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
@@ -283,8 +287,7 @@ class Scheduler:
             if refusal:
                 self._finish(req, Result("refused", error=refusal, queue_wait_s=wait_s))
                 return
-        if not self.wait_ready(10.0):
-            self._finish(req, Result("error", error="the engine is not available; see /status", queue_wait_s=wait_s))
+        if not self._wait_engine(req):
             return
         rss_start = self.memory_mb()
         req.started = req.started or now
@@ -317,6 +320,25 @@ class Scheduler:
         self.last_stats = stats
         outcome: Outcome = "cancelled" if stats.stop == "cancelled" else "ok"
         self._finish(req, Result(outcome, text=stats.text, stats=stats, queue_wait_s=wait_s), rss_start)
+
+    def _wait_engine(self, req: Request) -> bool:
+        """Wait for a loaded engine: while a model loads (at boot, after a crash, on a model switch) a request waits
+        up to its deadline; when the engine cannot come without a person, it is answered at once."""
+        while not self.wait_ready(0.25):
+            now = time.monotonic()
+            waited = now - req.created - req.ran_s
+            why = self.unavailable()
+            if why or req.cancelled or self._stopping:
+                error = "cancelled before it started" if req.cancelled or self._stopping else ""
+                outcome: Outcome = "cancelled" if error else "error"
+                error = error or f"the engine is not available: {why}; see /status"
+                self._finish(req, Result(outcome, error=error, queue_wait_s=waited))
+                return False
+            if req.deadline_s is not None and waited > req.deadline_s:
+                msg = f"busy: waited {waited:.1f} s for the model to load (deadline {req.deadline_s:g} s); see /status"
+                self._finish(req, Result("refused", error=msg, queue_wait_s=waited))
+                return False
+        return True
 
     def _finish(self, req: Request, result: Result, rss_start: float = 0.0) -> None:
         req.result = result

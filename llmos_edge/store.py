@@ -109,8 +109,32 @@ def _v3_voice(db: sqlite_utils.Database) -> None:
     db.table("voice").create_index(["at"])
 
 
+def _v4_models(db: sqlite_utils.Database) -> None:
+    """The model store's registry (llmos_edge/model_store.py): one row per installed model, `default` included."""
+    db.table("models").create(
+        {
+            "id": int,
+            "name": str,
+            "path": str,
+            "sha256": str,
+            "source": str,
+            "size": int,
+            "architecture": str,
+            "quantization": str,
+            "n_params": int,
+            "state": str,  # installed | active | failed | removed
+            "good": int,  # passed its gate at least once: a rung of the degradation ladder
+            "gate": str,  # the last gate's result, in words
+            "installed_at": float,
+            "activated_at": float,
+        },
+        pk="id",
+    )
+    db.table("models").create_index(["name"])
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions, _v3_voice]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions, _v3_voice, _v4_models]
 
 
 class Store:
@@ -242,6 +266,25 @@ class Store:
 
     def record_voice(self, row: dict[str, Any]) -> None:
         self._write("voice", {"start_id": self.start_id or None, **row})
+
+    # -- the model registry (model_store.py) ---------------------------------------------------------------
+    def models(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.db["models"].rows_where(order_by="id")]
+
+    def update_models(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace registry rows in one transaction: an activation changes two rows, never one of them.
+        Unlike request rows these are not held back on a full disk: the caller must know the change failed."""
+        with self._lock:
+            try:
+                with self.db.conn:
+                    for row in rows:
+                        self.db.table("models").insert(row, replace=True)
+            except sqlite3.OperationalError as e:
+                raise UserError(
+                    f"cannot update the model registry in {self.path}: {e}",
+                    "free space on /var (`/status` shows the database); the model store was left as it was",
+                ) from None
 
     # -- reading -------------------------------------------------------------------------------------------
     def recent_requests(self, n: int = 10) -> list[dict[str, Any]]:

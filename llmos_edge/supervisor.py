@@ -14,8 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,20 @@ from llmos_edge import __version__
 from llmos_edge.config import Config, LoadedConfig
 from llmos_edge.console import Console
 from llmos_edge.control import ControlServer
-from llmos_edge.engine import Engine, EngineError, EngineSettings, default_threads
+from llmos_edge.engine import Engine, EngineSettings, default_threads
 from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
-from llmos_edge.models import MIB, GGUFInfo, read_gguf
-from llmos_edge.scheduler import Request, Scheduler
+from llmos_edge.keeper import EngineState, Keeper, KeeperState
+from llmos_edge.model_store import ModelStore
+from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
+from llmos_edge.scheduler import Scheduler
 from llmos_edge.sensors import thermal_zones
 from llmos_edge.store import Store
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
 
 log = logging.getLogger(__name__)
 
-CRASH_LOOP = (5, 60.0)  # this many restarts within this many seconds is a crash loop
-STABLE_AFTER = 60.0  # seconds of uptime after which the restart backoff starts over
 HOT_BOOT_EXTEND_S = 30  # while booting hot, each EXTEND_TIMEOUT_USEC gives systemd this much more patience
-
-
-@dataclass
-class EngineState:
-    state: str = "starting"  # starting | ready | restarting | failed | degraded
-    reason: str = ""
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -65,14 +58,11 @@ class Supervisor:
         self.notifier = sdnotify.SystemdNotifier()
         self.stopping = threading.Event()
         self.ready_sent = False
-        self.restarts = 0
-        self._restart_times: deque[float] = deque(maxlen=CRASH_LOOP[0])
-        self.es = EngineState()
-        self.model: GGUFInfo | None = None
         self.self_test = "not run"
-        self.engine_ready = threading.Event()
         c = self.cfg
         self.store = Store(c.database.path, keep_requests=c.database.keep_requests)
+        self.models = ModelStore(self.store, c.models.store, c.model.path)
+        self.recovered = self.models.recover()
         self.engine = Engine(
             EngineSettings(model_path=c.model.path, n_ctx=c.model.context, n_threads=c.model.threads),
             load_timeout=c.engine.load_timeout,
@@ -85,29 +75,32 @@ class Supervisor:
             Actuators(
                 set_limits=self._set_limits,
                 stop_generation=self._stop_generation,
-                unload=self._unload,
-                reload=self._reload,
-                worker_pid=lambda: self.engine.pid if self.engine_ready.is_set() else None,
+                unload=lambda reason: self.keeper.unload(reason),
+                reload=lambda: self.keeper.reload(),
+                worker_pid=lambda: self.engine.pid if self.keeper.ready.is_set() else None,
                 busy=lambda: self.engine.busy,
             ),
             max_threads=c.model.threads or default_threads(),
         )
+        self.keeper = Keeper(c, self.engine, self.store, self.models, self.governor, self.stopping)
         self.scheduler = Scheduler(
             self.engine,
             self.store,
             queue_size=c.scheduler.queue_size,
             aging_s=c.scheduler.aging,
             deadlines={"interactive": c.scheduler.deadline_interactive, "background": c.scheduler.deadline_background},
-            wait_ready=self.engine_ready.wait,
+            wait_ready=self.keeper.ready.wait,
             temperature=c.model.temperature,
             seed=c.model.seed,
             memory_mb=self._engine_rss_mb,
             admit=self.governor.admit,  # governor (issue 4)
+            unavailable=self.keeper.unavailable,
         )
+        self.keeper.submit = self.scheduler.submit
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":
             self.control = ControlServer(
-                c.scheduler.control_socket, self.scheduler, self.status_lines, c.model.max_tokens
+                c.scheduler.control_socket, self.scheduler, self.status_lines, c.model.max_tokens, self.model_command
             )
         self.console: Console | None = None
         if c.console.device != "none":
@@ -121,6 +114,7 @@ class Supervisor:
                 self.log_lines,
                 c.model.max_tokens,
                 on_eof=self.stopping.set if c.console.device == "stdio" else None,
+                model=self.model_command,
             )
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status_lines, c.model.max_tokens)
@@ -142,78 +136,11 @@ class Supervisor:
     def _engine_rss_mb(self) -> float:
         return round(self._engine_rss() / 2**20, 1)
 
-    # -- engine keeper -------------------------------------------------------------------------------------
-    def _keep_engine(self) -> None:
-        backoff = 0.2
-        model_stamp: tuple[float, int] | None = None
-        while not self.stopping.is_set():
-            if self.engine.alive():
-                if time.monotonic() - self.engine.last_progress > STABLE_AFTER and not self.engine.busy:
-                    backoff = 0.2
-                self.stopping.wait(0.1)
-                continue
-            if self.es.state == "unloaded":  # governor (issue 4): held stopped until memory is calm
-                self.stopping.wait(0.2)
-                continue
-            if self.es.state == "ready":  # it was serving and died
-                self.engine_ready.clear()
-                why = self.engine.exit_description()
-                self.restarts += 1
-                self._restart_times.append(time.monotonic())
-                loop = (
-                    len(self._restart_times) == CRASH_LOOP[0]
-                    and self._restart_times[-1] - self._restart_times[0] < CRASH_LOOP[1]
-                )
-                if loop:
-                    backoff = self.cfg.engine.restart_backoff_max
-                    self.es = EngineState(
-                        "degraded",
-                        f"crash loop: {CRASH_LOOP[0]} restarts within {CRASH_LOOP[1]:.0f} s; last: engine {why}",
-                    )
-                else:
-                    self.es = EngineState("restarting", f"engine {why}")
-                self.store.event(
-                    "engine_restart",
-                    f"engine {why}; restarting in {backoff:.1f} s",
-                    {"restarts": self.restarts, "crash_loop": loop},
-                )
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, self.cfg.engine.restart_backoff_max)
-                if self.stopping.is_set():
-                    return
-            elif self.es.state == "failed" and model_stamp is not None:
-                # A person must fix the model file: check again when it changes, not in a tight loop.
-                if self._model_stamp() == model_stamp:
-                    self.stopping.wait(2)
-                    continue
-            try:
-                self.model = read_gguf(self.cfg.model.path)
-                # governor (issue 4): the largest context that fits the memory budget, or a one-sentence refusal
-                n_ctx = self.governor.preflight(self.model, self.cfg.model.context)
-                self.engine.settings = replace(self.engine.settings, n_ctx=n_ctx)
-                info = self.engine.start()
-            except UserError as e:
-                model_stamp = self._model_stamp()
-                self._fail(str(e))
-                continue
-            except EngineError as e:
-                model_stamp = self._model_stamp()
-                self._fail(f"{e}")
-                continue
-            model_stamp = None
-            self.es = EngineState("ready")
-            self.engine_ready.set()
-            self.store.event(
-                "engine_loaded",
-                f"{info.model} loaded in pid {info.pid}",
-                {"cpu_backend": info.cpu_backend, "threads": info.n_threads, "n_ctx": info.n_ctx},
-            )
-
     # -- governor actuators (issue 4) ----------------------------------------------------------------------
     def _set_limits(self, threads: int, duty: float) -> None:
         # Only to a loaded worker: bytes it has not read when it dies while loading (SIGILL) turn its EOF into a
         # connection reset. The governor sends the limits again when the new worker's pid appears.
-        if self.engine_ready.is_set():
+        if self.keeper.ready.is_set():
             self.engine.set_limits(threads=threads, duty=duty)
 
     def _stop_generation(self, reason: str) -> None:
@@ -222,51 +149,13 @@ class Supervisor:
             log.warning("stopping request %d: %s", current.id, reason)
             current.cancel()
 
-    def _unload(self, reason: str) -> None:
-        self.es = EngineState("unloaded", reason)  # first, so the keeper holds it stopped instead of restarting
-        self.engine_ready.clear()
-        self.engine.stop()
-
-    def _reload(self) -> None:
-        if self.es.state == "unloaded":
-            self.es = EngineState("starting", "reloading: memory is calm again")
-
-    def _model_stamp(self) -> tuple[float, int]:
-        try:
-            st = Path(self.cfg.model.path).stat()
-            return (st.st_mtime, st.st_size)
-        except OSError:
-            return (0.0, 0)
-
-    def _fail(self, reason: str) -> None:
-        if self.es.reason != reason:
-            log.error("model unavailable: %s", reason)
-            self.store.event("model_failed", reason)
-        self.es = EngineState("failed", reason)
-        self.engine_ready.clear()
-
     # -- self-test and readiness ---------------------------------------------------------------------------
-    def _self_test(self) -> bool:
-        test = self.engine.info.self_test
-        prompt, expected = (test["prompt"], test["answer"]) if test else ("Hello", "")
-        req = self.scheduler.submit(Request(prompt=prompt, source="self-test", max_tokens=32))
-        result = req.wait(self.cfg.engine.load_timeout)
-        if result is None or result.outcome != "ok":
-            self.self_test = f"failed: {result.error if result else 'no answer in time'}"
-        elif expected and result.text.strip() != expected:
-            self.self_test = f"failed: expected {expected!r}, got {result.text.strip()!r}"
-        elif not expected and not result.text:
-            self.self_test = "failed: the model produced no text"
-        else:
-            self.self_test = f"passed ({prompt!r} -> {result.text.strip()!r})"
-            return True
-        return False
-
     def _wait_until_steady(self) -> None:
-        """Block until serving (self-test passed) or failed for a reason a person must fix; then READY=1."""
+        """Block until serving (the model that came up passed its gate) or settled in a state a person must fix;
+        then READY=1. A store model that fails its gate at boot is rolled back and the previous one gated."""
         said_hot = False
         while not self.stopping.is_set():
-            if self.engine_ready.wait(0.2):
+            if self.keeper.ready.wait(0.2):
                 if self.governor.thermal in ("critical", "cooling"):
                     # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
                     # board to cool, telling systemd we are still starting so it does not kill us for being slow;
@@ -280,13 +169,21 @@ class Supervisor:
                     self._notify_status()
                     self.stopping.wait(1.0)
                     continue
-                if self._self_test():
-                    self.store.event("ready", f"self-test {self.self_test}")
+                entry = self.keeper.running
+                if entry is None:
+                    continue
+                ok, result = self.keeper.gate(entry)
+                self.self_test = result if ok else f"failed: {result}"
+                if ok:
+                    self.models.mark(entry.name, good=True, gate=result)
+                    self.store.event("ready", f"self-test {self.self_test}", {"model": entry.name})
                     break
-                self.es = EngineState("degraded", f"self-test {self.self_test}")
-                self.store.event("self_test_failed", self.self_test)
+                self.store.event("self_test_failed", self.self_test, {"model": entry.name})
+                if self.keeper.boot_gate_failed(result):
+                    continue  # rolled back to the last good model: gate that one
+                self.keeper.es = EngineState(KeeperState.DEGRADED, f"self-test {self.self_test}")
                 break
-            if self.es.state == "failed":
+            if self.keeper.es.state is KeeperState.FAILED:
                 break
             self._notify_status()
         if not self.stopping.is_set():
@@ -297,7 +194,8 @@ class Supervisor:
     # -- status --------------------------------------------------------------------------------------------
     def _shown_state(self) -> str:
         # The engine is up before the self-test has answered: not ready for people yet.
-        return "starting" if self.es.state == "ready" and not self.ready_sent else self.es.state
+        state = self.keeper.es.state
+        return "starting" if state is KeeperState.READY and not self.ready_sent else state.value
 
     def status_line(self) -> str:
         info = self.engine.info
@@ -306,22 +204,25 @@ class Supervisor:
         mem = f"mem {_mib(self._engine_rss() + psutil.Process().memory_info().rss)}"
         depth = sum(self.scheduler.depth().values())
         state = self._shown_state()
-        head = state if not self.es.reason else f"{state}: {self.es.reason}"
+        reason = self.keeper.es.reason
+        head = state if not reason else f"{state}: {reason}"
         return (
             f"{head} | {info.model or Path(self.cfg.model.path).name} | {speed} | {mem} | "
-            f"up {_fmt_duration(time.monotonic() - self.started)} | restarts {self.restarts} | queue {depth} | "
+            f"up {_fmt_duration(time.monotonic() - self.started)} | restarts {self.keeper.restarts} | queue {depth} | "
             f"{self.governor.status_summary()}"  # governor (issue 4): temperature vs setpoint, memory vs budget
         )
 
     def status_lines(self) -> list[str]:
-        info, m = self.engine.info, self.model
+        info, m = self.engine.info, self.keeper.info
         vm = psutil.virtual_memory()
         last = self.scheduler.last_stats
-        lines = [f"state: {self._shown_state()}" + (f" ({self.es.reason})" if self.es.reason else "")]
+        reason = self.keeper.es.reason
+        lines = [f"state: {self._shown_state()}" + (f" ({reason})" if reason else "")]
         if m is not None:
             lines.append(
                 f"model: {m.name} ({m.quantization}, {m.n_params / 1e6:.2f}M params, {_mib(m.file_size)}) {m.path}"
             )
+        lines.append(self._models_line())
         if info.pid:
             lines.append(f"engine: pid {info.pid}, ctx {info.n_ctx}, {info.n_threads} threads, cpu {info.cpu_backend}")
         lines.append(f"self-test: {self.self_test}")
@@ -343,7 +244,9 @@ class Supervisor:
         )
         lines += self.governor.status_lines()  # governor (issue 4): thermal control, memory budget, machine
         lines.append(self.voice.status_line())  # voice (issue 6)
-        lines.append(f"uptime: {_fmt_duration(time.monotonic() - self.started)}; engine restarts: {self.restarts}")
+        lines.append(
+            f"uptime: {_fmt_duration(time.monotonic() - self.started)}; engine restarts: {self.keeper.restarts}"
+        )
         depth = self.scheduler.depth()
         lines.append("queue: " + ", ".join(f"{k} {v}" for k, v in depth.items()))
         cfg = ", ".join(self.loaded.sources)
@@ -354,6 +257,54 @@ class Supervisor:
         )
         return lines
 
+    def _models_line(self) -> str:
+        k = self.keeper
+        installed = len(self.models.entries()) - 1
+        line = f"models: active {k.preferred.name}"
+        if k.fallback:
+            line += f"; FALLBACK {k.fallback}"
+        elif k.trial:
+            line += " (trying it: gate running)"
+        return line + f"; {installed} installed in {self.models.dir} (`/model` lists them)"
+
+    def model_command(self, args: str, progress: Callable[[str], None]) -> list[str]:
+        """`/model ...` on the console, `llmos model ...` through the control socket. Raises UserError."""
+        action, _, arg = args.strip().partition(" ")
+        arg = arg.strip()
+        if action in ("", "list"):
+            return [e.describe() for e in self.models.entries()]
+        if action == "install":
+            if not arg:
+                raise UserError("install needs a path", "e.g. /model install /media/MODELS/model.gguf")
+            entry, _new = self.models.install(arg, self._install_preflight, progress)
+            progress(f"installed {entry.name} ({entry.architecture}, {entry.quantization}); activating ...")
+            return [self.keeper.activate(entry.name, progress)]
+        if action == "activate":
+            if not arg:
+                raise UserError("activate needs a model name", "`/model` lists the installed models")
+            return [self.keeper.activate(arg, progress)]
+        if action == "rollback":
+            return [self.keeper.rollback(progress)]
+        if action == "remove":
+            if not arg:
+                raise UserError("remove needs a model name", "`/model` lists the installed models")
+            e = self.models.remove(arg)
+            return [f"model: removed {e.name}"]
+        raise UserError(
+            f"unknown model command {action!r}", "use list, install PATH, activate NAME, rollback, remove NAME"
+        )
+
+    def _install_preflight(self, info: GGUFInfo) -> None:
+        """A model that could never fit this device's memory budget is refused before it is copied."""
+        if not self.governor.fits_ever(info):
+            ceiling = self.governor.memory_ceiling()
+            est = estimate_memory(info, MIN_CONTEXT)
+            raise UserError(
+                f"{info.path.name} needs {est.total / MIB:.0f} MiB even at context {MIN_CONTEXT}, more than this "
+                f"device's {ceiling / MIB:.0f} MiB budget",
+                "use a smaller quantization (Q4_K_M) or a smaller model",
+            )
+
     def log_lines(self, n: int) -> list[str]:
         return [format_request(r) for r in self.store.recent_requests(n)]
 
@@ -361,7 +312,7 @@ class Supervisor:
         self.notifier.notify(f"STATUS={self.status_line()}")
 
     def _healthy(self) -> bool:
-        threads_ok = self._keeper.is_alive() and self.scheduler.alive()
+        threads_ok = self.keeper.alive() and self.scheduler.alive()
         if self.engine.busy:
             return threads_ok and time.monotonic() - self.engine.last_progress < self.cfg.engine.progress_timeout
         return threads_ok
@@ -381,8 +332,9 @@ class Supervisor:
             self.store.event("config_fallback", self.loaded.fallback)
         if self.store.recovered_from:
             self.store.event("database_recovered", f"corrupt database moved to {self.store.recovered_from}")
-        self._keeper = threading.Thread(target=self._keep_engine, name="engine-keeper", daemon=True)
-        self._keeper.start()
+        for message in self.recovered:
+            self.store.event("model_store_recovered", message)
+        self.keeper.start()
         self.scheduler.start()
         self.governor.start()  # governor (issue 4)
         if self.console is not None:

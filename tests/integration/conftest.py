@@ -57,14 +57,23 @@ class Notify:
 class Appliance:
     """One running supervisor with its pty console, database and notify socket."""
 
-    def __init__(self, tmp: Path, config: str = "", override: str | None = None, model: Path = MODEL) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str = "",
+        override: str | None = None,
+        model: Path = MODEL,
+        db: Path | None = None,
+        store: Path | None = None,
+    ) -> None:
         self.tmp = tmp
-        self.db = tmp / "llmos.db"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.db = db or tmp / "llmos.db"  # a database of its own, or one shared with an earlier start
         self.socket = tmp / "control.sock"
         cfg = tmp / "llmos.yaml"
         cfg.write_text(
             f"model:\n  path: {model}\n  threads: 2\ndatabase:\n  path: {self.db}\n"
-            f"scheduler:\n  control_socket: {self.socket}\n" + config
+            f"scheduler:\n  control_socket: {self.socket}\nmodels:\n  store: {store or tmp / 'store'}\n" + config
         )
         self.master, self.slave = os.openpty()
         os.set_blocking(self.master, False)
@@ -138,9 +147,6 @@ def appliance_factory(tmp_path: Path) -> Iterator[type[Appliance]]:
         started.append(a)
         return a
 
-    (tmp_path / "a0").mkdir()
-    for i in range(1, 4):
-        (tmp_path / f"a{i}").mkdir()
     yield make  # type: ignore[misc]
     for a in started:
         a.close()
