@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import termios
 import threading
@@ -25,6 +26,7 @@ from llmos_edge.scheduler import Refused, Request, Result, Scheduler
 log = logging.getLogger(__name__)
 
 PROMPT = "llmos> "
+OUTPUT_QUEUE = 4096  # chunks of output waiting for a slow terminal; beyond that output is dropped and counted
 HELP = """\
 Type a question and press Enter; the answer streams as it is generated.
 Commands:
@@ -212,8 +214,11 @@ class Console:
         port: Port | None = None,
         on_eof: Callable[[], None] | None = None,
         model: Callable[[str, Callable[[str], None]], list[str]] | None = None,
+        loading: Callable[[], str] = lambda: "",
     ) -> None:
         self.model = model  # `/model ...`: the supervisor's model_command
+        # "" once a model answers; else what is happening ("loading default, 12 s"): the banner and prompt say it
+        self.loading = loading
         self.device, self.baud, self.echo = device, baud, echo
         self.on_eof = on_eof  # Ctrl-D at an empty prompt: only a terminal session may end the supervisor
         self.max_line = max_line
@@ -229,14 +234,32 @@ class Console:
         self._last_notice = 0.0
         self._suppressed = 0
         self.state = "starting"  # for /status: connected | waiting for DEVICE | ...
+        self._out: queue.Queue[bytes] = queue.Queue(OUTPUT_QUEUE)
+        self._dropped = 0  # bytes of output dropped because the other end stopped reading
         self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._writer = threading.Thread(target=self._write_out, name="console-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._writer.start()
 
-    def stop(self) -> None:
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._writer.is_alive()
+
+    def restart(self) -> None:
+        """The supervisor's remedy for a console thread that died: start the dead thread(s) again."""
+        if not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+            self._thread.start()
+        if not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_out, name="console-writer", daemon=True)
+            self._writer.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
-        self._thread.join(2)
+        deadline = time.monotonic() + timeout
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if self.port is not None:
             try:
                 self.port.close()
@@ -245,14 +268,65 @@ class Console:
 
     # -- output --------------------------------------------------------------------------------------------
     def write(self, text: str) -> None:
-        data = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "replace")
-        with self._wlock:
-            if self.port is None:
-                return
+        """Never blocks: the writer thread sends it. A terminal that stops reading (a cable unplugged at the other
+        end, a terminal closed) costs dropped output, never the console, and never stalls an answer's tokens."""
+        self._enqueue(text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "replace"))
+
+    def _enqueue(self, data: bytes) -> None:
+        try:
+            self._out.put_nowait(data)
+        except queue.Full:
+            self._dropped += len(data)
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Wait until what was written has been sent (or dropped)."""
+        deadline = time.monotonic() + timeout
+        while self._out.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _write_out(self) -> None:
+        while not (self._stop.is_set() and self._out.empty()):
             try:
-                self.port.write(data)
-            except (serial.SerialTimeoutException, serial.SerialException, OSError) as e:
-                log.warning("console write failed: %s", e)
+                data = self._out.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._send(data)
+            except Exception:  # a bug here must cost output, never the writer
+                log.exception("console output")
+            finally:
+                self._out.task_done()
+
+    def _send(self, data: bytes) -> None:
+        with self._wlock:
+            port = self.port
+        if port is None:
+            self._dropped += len(data)
+            return
+        if self._dropped:
+            note = f"\r\n[{self._dropped} bytes of output dropped: the terminal was not reading]\r\n".encode()
+            self._dropped = 0
+            data = note + data
+        try:
+            written = port.write(data)
+        except (serial.SerialTimeoutException, serial.SerialException, OSError) as e:
+            self._dropped += len(data)
+            log.warning("console write failed (%s); output is dropped until the terminal reads again", e)
+            # Whatever is queued meanwhile would only time out too: drop it now, count it, and say so later.
+            while True:
+                try:
+                    self._dropped += len(self._out.get_nowait())
+                    self._out.task_done()
+                except queue.Empty:
+                    break
+            return
+        if written is not None and written < len(data):
+            self._dropped += len(data) - written
+
+    def prompt(self) -> str:
+        """`llmos> `, or while the model loads `[loading default, 12 s] llmos> ` (questions wait meanwhile)."""
+        loading = self.loading()
+        return f"[{loading}] {PROMPT}" if loading else PROMPT
 
     def _notice(self, text: str) -> None:
         """Rate-limited: a burst of line noise gets one notice a second, with a count of what else was dropped."""
@@ -265,7 +339,7 @@ class Console:
         self._last_notice = now
         self.write(f"\n[{text}{more}]\n")
         if self.active is None:
-            self.write(PROMPT)
+            self.write(self.prompt())
 
     # -- input ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -285,7 +359,7 @@ class Console:
                 warned = False
                 self.state = "connected"
                 log.info("console on %s", self.device)
-                self.write(f"\nllmos-edge ready. Type /help for commands.\n{PROMPT}")
+                self.write(self._banner())
             try:
                 data = self.port.read(512)
             except (serial.SerialException, OSError, EOFError) as e:
@@ -293,9 +367,21 @@ class Console:
                 self._close_port()
                 self._stop.wait(1)
                 continue
-            if data:
-                for kind, value in reader.feed(data):
+            for kind, value in reader.feed(data) if data else []:
+                try:
                     self._handle(kind, value)
+                except Exception as e:  # one bad line must never end the console (the peer would get silence)
+                    log.exception("console: handling %s", kind)
+                    self.write(f"\nerror: internal error: {type(e).__name__}: {e}\n{self.prompt()}")
+
+    def _banner(self) -> str:
+        loading = self.loading()
+        if loading:
+            return (
+                f"\nllmos-edge is starting: {loading}. Questions typed now wait until it answers."
+                f" Type /help for commands.\n{self.prompt()}"
+            )
+        return f"\nllmos-edge ready. Type /help for commands.\n{PROMPT}"
 
     def _close_port(self) -> None:
         with self._wlock:
@@ -309,14 +395,12 @@ class Console:
     def _handle(self, kind: str, value: object) -> None:
         if kind == "echo":
             if self.echo and self.active is None:
-                with self._wlock:
-                    if self.port is not None:
-                        self.port.write(value)  # type: ignore[arg-type]
+                self._enqueue(bytes(value))  # type: ignore[call-overload]
         elif kind == "interrupt":
             if self.active is not None:
                 self.active.cancel()
             else:
-                self.write(f"^C\n{PROMPT}")
+                self.write(f"^C\n{self.prompt()}")
         elif kind == "eof":
             if self.on_eof is not None and self.active is None:
                 self.write("\n")
@@ -339,7 +423,7 @@ class Console:
             return
         self.write("\n")
         if not line:
-            self.write(PROMPT)
+            self.write(self.prompt())
         elif line.startswith("/"):
             self._command(line)
         else:
@@ -367,7 +451,7 @@ class Console:
             return
         else:
             self.write(f"error: unknown command {name}; type /help for the list\n")
-        self.write(PROMPT)
+        self.write(self.prompt())
 
     def _model(self, arg: str) -> None:
         """In its own thread: an install copies, loads and gates a model, which takes a while; the console meanwhile
@@ -384,7 +468,7 @@ class Console:
             except Exception as e:  # a bug must cost this command, never the console
                 log.exception("/model %s", arg)
                 self.write(f"error: /model failed: {type(e).__name__}: {e}\n")
-            self.write(PROMPT)
+            self.write(self.prompt())
 
         self.op = threading.Thread(target=run, name="console-model", daemon=True)
         self.op.start()
@@ -413,4 +497,4 @@ class Console:
         else:
             self.write(f"\nerror: {result.error}\n")
         self.active = None
-        self.write(PROMPT)
+        self.write(self.prompt())

@@ -51,6 +51,7 @@ class ControlServer:
         self.max_tokens = max_tokens
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         try:
@@ -68,7 +69,15 @@ class ControlServer:
             ) from None
         sock.settimeout(0.5)
         self._sock = sock
-        threading.Thread(target=self._accept, name="control", daemon=True).start()
+        self.restart()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def restart(self) -> None:
+        """Start (again) the thread that accepts clients; the socket stays the same."""
+        self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,7 +7,8 @@ multiprocessing Connection, with small tuples:
   parent -> worker: ("init", EngineSettings) first, then
                     ("generate", rid, prompt, max_tokens, temperature, seed) | ("cancel", rid) | ("shutdown",)
   worker -> parent: ("cpu", variant) | ("loaded", info) | ("load_failed", message)
-                    ("token", rid, text, n_tokens) | ("done", rid, stats) | ("error", rid, message)
+                    ("progress", rid, prompt_tokens_read) | ("token", rid, text, n_tokens) | ("done", rid, stats)
+                    | ("preempted", rid, stats) | ("error", rid, message)
 
 This module imports no front-end and no governor (ARCHITECTURE.md): the supervisor wires it to the rest.
 """
@@ -81,6 +82,7 @@ class EngineInfo:
 
 
 STREAM_INTERVAL = 0.02  # seconds between token messages while a generation streams
+PREFILL_CHUNK = 256  # prompt tokens evaluated between two progress messages (longer prompts only)
 
 
 def default_threads() -> int:
@@ -261,6 +263,11 @@ class _Worker:
         work_start = time.perf_counter()
         pending: list[str] = []
         last_sent = 0.0
+        if job.state is None and self._prefill(job):
+            stats.stop = "cancelled"
+            stats.text = ""
+            self.conn.send(("done", job.rid, stats))
+            return
         gen = self.llm.generate(job.tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
         for tok in gen:
             if self.is_eog(self.vocab, tok):
@@ -291,6 +298,8 @@ class _Worker:
             if stats.tokens_out >= job.budget:
                 break
             control = self._control(job.rid)
+            if job.preempt_asked:
+                control, job.preempt_asked = control or "preempt", False
             if control == "cancel":
                 stats.stop = "cancelled"
                 break
@@ -312,6 +321,24 @@ class _Worker:
             stats.decode_tok_s = job.decode_n / job.decode_s
         stats.text = "".join(job.parts)
         self.conn.send(("done", job.rid, stats))
+
+    def _prefill(self, job: _Job) -> bool:
+        """A long prompt is evaluated in chunks with a progress message after each: prefill is progress, so a prompt
+        that takes longer than `progress_timeout` to read is not killed as hung (and can be cancelled meanwhile).
+        generate() then finds the prompt in the KV cache and evaluates only its last token. Returns True when the
+        request was cancelled during the prefill."""
+        head = job.tokens[:-1]
+        if len(head) <= PREFILL_CHUNK:
+            return False  # short prompts (nearly all) are evaluated by generate() in one batch, as before
+        self.llm.reset()  # type: ignore[no-untyped-call]
+        for i in range(0, len(head), PREFILL_CHUNK):
+            self.llm.eval(head[i : i + PREFILL_CHUNK])
+            self.conn.send(("progress", job.rid, min(i + PREFILL_CHUNK, len(head))))
+            control = self._control(job.rid)
+            if control == "cancel":
+                return True
+            job.preempt_asked = job.preempt_asked or control == "preempt"  # honoured at the first token
+        return False
 
     def serve(self) -> None:
         while True:
@@ -357,6 +384,7 @@ class _Job:
     decode_s: float = 0.0
     decode_n: int = 0
     state: Any = None
+    preempt_asked: bool = False
 
 
 def worker_main(fd: int) -> None:

@@ -249,13 +249,17 @@ class Governor:
         self._thread = threading.Thread(target=self._run, name="governor", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(2)
+            self._thread.join(timeout)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self.cfg.enabled or (self._thread is not None and self._thread.is_alive())
+
+    def restart(self) -> None:
+        if not self._stop.is_set():
+            self.start()
 
     def _run(self) -> None:
         # The first decision at once, not one interval in: the supervisor's self-test must know if the board

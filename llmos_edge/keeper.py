@@ -105,6 +105,7 @@ class Keeper:
         self.restarts = 0
         self._restart_times: deque[float] = deque(maxlen=CRASH_LOOP[0])
         self._loaded_at = 0.0
+        self.last_change = ""  # the last model change and how it went, for /status
         self._lock = threading.RLock()  # model changes: one at a time
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -340,9 +341,9 @@ class Keeper:
         hot_for = self.cfg.models.hot_for
         if self.running is not None and self._hot_since is not None and now - self._hot_since >= hot_for:
             t = self.governor.celsius
-            self._step_down(
-                self.running, f"the board stays too hot for it ({t:.1f} °C)" if t is not None else "too hot", "hot"
-            )
+            why = f"the board stays too hot for it ({t:.1f} °C)" if t is not None else "the board stays too hot for it"
+            if not self._step_down(self.running, why, "hot"):
+                self._hot_since = now  # already the smallest: ask again after another hot_for, not every tick
             return
         if not self.fallback or now - self._fallback_at < self.cfg.models.recheck:
             return
@@ -467,6 +468,7 @@ class Keeper:
                 self.target = self.preferred
                 self.trial = False
                 self.store.event("model_activated", f"{name} is active; gate {result}", {"model": name})
+                self.last_change = f"{name} activated (gate {result})"
                 return f"model: active {name} (gate {result})"
             return self._rollback_failed(entry, result, previous=previous, progress=progress)
 
@@ -493,6 +495,7 @@ class Keeper:
         if error:
             message += f" (which did not load: {error})"
         self.store.event("model_rolled_back", message, {"failed": entry.name, "active": back.name})
+        self.last_change = message.removeprefix("model: ")
         log.warning("%s", message)
         return message
 

@@ -204,6 +204,18 @@ class Voice:
         for t in self._threads:
             t.join(3)
 
+    def alive(self) -> bool:
+        """Every thread of a running front-end is alive (trivially true when voice does not run)."""
+        return self._stop.is_set() or all(t.is_alive() for t in self._threads)
+
+    def restart(self) -> None:
+        """Start again any of its threads that died (the supervisor's remedy; it logs why)."""
+        targets = {"voice-listen": self._listen, "voice-work": self._work}
+        for i, t in enumerate(self._threads):
+            if not t.is_alive():
+                self._threads[i] = threading.Thread(target=targets[t.name], name=t.name, daemon=True)
+                self._threads[i].start()
+
     def join(self, timeout: float | None = None) -> None:
         """Wait until the capture has ended and every utterance is answered (tests with a finite input)."""
         for t in self._threads:

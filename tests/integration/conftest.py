@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llmos_edge.console import FdPort
@@ -134,6 +135,22 @@ class Appliance:
             except OSError:
                 pass
         self.log.close()
+
+
+def catch_worker_while_loading(app: Appliance, sig: int, timeout: float = 30) -> int:
+    """Signal the engine worker the moment it appears (it is then still importing llama.cpp or loading)."""
+    deadline = time.monotonic() + timeout
+    parent = psutil.Process(app.proc.pid)
+    while time.monotonic() < deadline:
+        for child in parent.children():
+            try:
+                if "llmos_edge.engine" in " ".join(child.cmdline()):
+                    os.kill(child.pid, sig)
+                    return child.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.005)
+    raise AssertionError("no engine worker appeared")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from llmos_edge.models import MIB, estimate_memory, read_gguf
-from tests.integration.conftest import MODEL, REPO, Appliance
+from tests.integration.conftest import MODEL, REPO, Appliance, catch_worker_while_loading
 from tests.integration.test_governor import speed_model
 
 Q4 = REPO / "model" / "llmos-tiny-q4_k_m.gguf"
@@ -211,25 +211,9 @@ def test_kill_9_at_50_random_points_of_an_install(appliance_factory: type[Applia
 # -- the keeper: transient failures are retried, never parked ------------------------------------------------------
 
 
-def _catch_worker_while_loading(app: Appliance, sig: int, timeout: float = 30) -> int:
-    """Signal the engine worker the moment it appears (it is then still importing llama.cpp or loading)."""
-    deadline = time.monotonic() + timeout
-    parent = psutil.Process(app.proc.pid)
-    while time.monotonic() < deadline:
-        for child in parent.children():
-            try:
-                if "llmos_edge.engine" in " ".join(child.cmdline()):
-                    os.kill(child.pid, sig)
-                    return child.pid
-            except psutil.Error:
-                continue
-        time.sleep(0.005)
-    raise AssertionError("no engine worker appeared")
-
-
 def test_a_load_timeout_is_retried(appliance_factory: type[Appliance], tmp_path: Path) -> None:
     app = appliance_factory(config="engine:\n  load_timeout: 3\n")
-    pid = _catch_worker_while_loading(app, signal.SIGSTOP)
+    pid = catch_worker_while_loading(app, signal.SIGSTOP)
     app.wait_ready(60)
     assert app.console.ask("ping") == "pong"
     retries = [m for (m,) in rows(app, "SELECT message FROM events WHERE kind='model_retry'")]
@@ -239,7 +223,7 @@ def test_a_load_timeout_is_retried(appliance_factory: type[Appliance], tmp_path:
 
 def test_a_worker_killed_while_loading_is_retried(appliance_factory: type[Appliance]) -> None:
     app = appliance_factory()
-    _catch_worker_while_loading(app, signal.SIGKILL)
+    catch_worker_while_loading(app, signal.SIGKILL)
     app.wait_ready(60)
     assert app.console.ask("ping") == "pong"
     retries = [m for (m,) in rows(app, "SELECT message FROM events WHERE kind='model_retry'")]
@@ -376,3 +360,59 @@ def test_a_database_that_cannot_be_opened_stops_for_good(tmp_path: Path) -> None
     assert "llmos: error: cannot open the database" in r.stderr and "Traceback" not in r.stderr
     unit = (REPO / "rootfs-overlay/usr/lib/systemd/system/llmos.service").read_text()
     assert "RestartPreventExitStatus=78" in unit
+
+
+def test_the_ladder_steps_down_when_the_board_stays_too_hot_and_back_when_cool(
+    appliance_factory: type[Appliance], tmp_path: Path
+) -> None:
+    from llmos_edge.thermal_sim import write_zone
+
+    root = tmp_path / "root"
+    write_zone(root, 50.0)
+    app = ready_app(
+        appliance_factory,
+        tmp_path,
+        f"governor:\n  sensors_root: {root}\n  interval: 0.2\n",
+        override="models:\n  recheck: 0.5\n  hot_for: 1.0\n",
+    )
+    assert app.llmos("model", "install", str(speed_model("25M"))).stdout.startswith("model: active speed-25m")
+    write_zone(root, 91.0)  # critical, and staying there
+    deadline = time.monotonic() + 30
+    while "FALLBACK" not in app.console.status()["models"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    st = app.console.status()
+    assert "running default instead of speed-25m-q4_k_m: the board stays too hot for it (91.0 °C)" in st["models"]
+    write_zone(root, 50.0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not app.console.status()["model"].startswith("speed"):
+        time.sleep(0.3)
+    st = app.console.status()
+    assert st["model"].startswith("speed") and "FALLBACK" not in st["models"], st
+    assert app.console.ask("hello")
+
+
+def test_a_crash_loop_of_an_established_model_steps_down_the_ladder(
+    appliance_factory: type[Appliance], tmp_path: Path
+) -> None:
+    app = ready_app(appliance_factory, tmp_path)
+    assert app.llmos("model", "install", str(Q4)).stdout.startswith("model: active llmos-tiny-q4_k_m")
+    db = sqlite3.connect(app.db)
+    with db:  # it has served well for an hour: a crash loop now is not the model's fault, it is not rolled back
+        db.execute("UPDATE models SET activated_at = activated_at - 3600 WHERE name = 'llmos-tiny-q4_k_m'")
+    db.close()
+    for _ in range(5):
+        pid = app.engine_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = app.console.status()
+            if "engine" in st and not st["engine"].startswith(f"pid {pid},") and st["state"] in ("ready", "degraded"):
+                break
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "FALLBACK" not in app.console.status()["models"]:
+        time.sleep(0.3)
+    st = app.console.status()
+    assert "FALLBACK running default instead of llmos-tiny-q4_k_m: crash loop" in st["models"], st
+    assert rows(app, "SELECT state FROM models WHERE name='llmos-tiny-q4_k_m'") == [("active",)]
+    assert app.console.ask("ping") == "pong"
