@@ -226,7 +226,8 @@ class Store:
             )
         return UserError(
             f"cannot use the database {self.path}: {e}",
-            "free space and check the filesystem's health (`dmesg`); the file was left where it is",
+            "check that its filesystem is mounted read-write, has free space and is healthy (`dmesg`); the file was "
+            "left where it is",
         )
 
     def _open(self) -> sqlite_utils.Database:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlite_utils
@@ -135,20 +136,27 @@ print(json.dumps(out))
 """
 
 
-def test_a_full_filesystem_in_the_middle_of_a_batch_loses_and_doubles_no_row(tmp_path: Path) -> None:
+def _on_a_small_tmpfs(tmp_path: Path, script: str) -> dict[str, Any]:
+    """Run `script` with a 512 KiB tmpfs as its argv[1], in a private mount namespace: the mount vanishes with the
+    process, and it works without root where user namespaces are allowed (Debian's default)."""
     unshare = shutil.which("unshare")
     assert unshare, "this test needs unshare (util-linux) to mount a small tmpfs in a private mount namespace"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     mount_and_run = 'mount -t tmpfs -o size=512k llmos-test "$1" && exec "$2" -c "$3" "$1"'
     r = subprocess.run(
-        [unshare, "--mount", "--map-root-user", "sh", "-c", mount_and_run, "sh", mnt, sys.executable, FULL_FILESYSTEM],
+        [unshare, "--mount", "--map-root-user", "sh", "-c", mount_and_run, "sh", mnt, sys.executable, script],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert r.returncode == 0, f"the full-filesystem run failed (user namespaces and tmpfs needed): {r.stderr}"
-    out = json.loads(r.stdout)
+    assert r.returncode == 0, f"the run on a tmpfs failed (user namespaces and tmpfs needed): {r.stderr}"
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def test_a_full_filesystem_in_the_middle_of_a_batch_loses_and_doubles_no_row(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, FULL_FILESYSTEM)
     assert out["pending_full"] == 5  # the disk is really full: nothing was written
     assert out["pending_partial"] == 6 and out["rows_partial"] == 1  # nothing of the batch was half-committed
     assert out["pending_after"] == 0 and out["integrity_ok"]
@@ -226,6 +234,32 @@ def test_a_locked_database_is_reported_in_one_sentence_and_never_moved_aside(tmp
     assert sorted(f.name for f in tmp_path.iterdir() if ".corrupt-" in f.name) == []
     s = Store(p)
     assert not s.recovered_from and [r["prompt"] for r in s.recent_requests()] == ["kept"]
+
+
+READ_ONLY_FILESYSTEM = """
+import json, subprocess, sys
+from pathlib import Path
+from llmos_edge.errors import UserError
+from llmos_edge.store import Store
+
+d = Path(sys.argv[1])
+s = Store(d / "l.db")
+s.record_request({"prompt": "kept"})
+s.close()
+subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)  # an I/O fault at open: the file cannot be written
+try:
+    Store(d / "l.db")
+    error = ""
+except UserError as e:
+    error = str(e)
+print(json.dumps({"error": error, "files": sorted(f.name for f in d.iterdir())}))
+"""
+
+
+def test_a_database_that_cannot_be_written_is_reported_and_left_where_it_is(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, READ_ONLY_FILESYSTEM)
+    assert out["error"].startswith(f"cannot use the database {tmp_path / 'mnt' / 'l.db'}")
+    assert out["files"] == ["l.db"]  # not renamed to l.db.corrupt-* (the old code tried, and failed on EROFS)
 
 
 def test_a_lock_released_while_opening_is_waited_for(tmp_path: Path) -> None:
