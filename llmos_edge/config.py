@@ -297,7 +297,9 @@ class LoadedConfig:
 
     config: Config
     sources: tuple[str, ...]
-    fallback: str = ""  # why a file was skipped; empty when every file given was used
+    # Why a file was skipped, and what runs instead (the last configuration that worked, or the layers below the
+    # broken file); empty when every file given was used.
+    fallback: str = ""
 
 
 @dataclass(frozen=True)
