@@ -192,6 +192,7 @@ class Store:
         self._disk_full_logged = False
         self.start_id = 0
         self.recovered_from = ""  # path of a corrupt database moved aside at open
+        self.degraded = ""  # why the database is locked to this process (a full disk at open), for /status
         self._lock_timeout = lock_timeout
         self.db = self._open()
         try:
@@ -231,18 +232,17 @@ class Store:
         )
 
     def _open(self) -> sqlite_utils.Database:
-        conn = self._connect()
+        conn: sqlite3.Connection | None = None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            conn, ok = self._connect_checked()
         except sqlite3.DatabaseError as e:
             if not _corrupt(e):
-                # A lock, an I/O error, a full disk: the file may be perfectly good. Never move it aside for that.
-                conn.close()
+                # A lock, an I/O error, a read-only filesystem: the file may be perfectly good. Never move it for that.
                 raise self._open_error(e) from None
             ok = False
         if not ok:
-            conn.close()
+            if conn is not None:
+                conn.close()
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
@@ -250,11 +250,43 @@ class Store:
                     src.rename(Path(str(aside) + suffix))
             self.recovered_from = str(aside)
             log.error("database %s failed its integrity check; moved it to %s and started a new one", self.path, aside)
-            conn = self._connect()
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn, _ = self._connect_checked()
+            except sqlite3.DatabaseError as e:
+                raise self._open_error(e) from None
+        assert conn is not None
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         return sqlite_utils.Database(conn)
+
+    def _connect_checked(self) -> tuple[sqlite3.Connection, bool]:
+        """Connect in WAL mode and run quick_check: (connection, whether it passed).
+
+        On a full disk SQLite cannot create the WAL index (the -shm file, removed at a clean close: "disk I/O error",
+        SQLITE_IOERR_SHMSIZE) and the database cannot even be read. Exclusive locking mode keeps the index in memory
+        instead: the appliance starts, rows wait in memory until there is room, and only other processes (`llmos
+        logs`) are locked out until the next start. Better than an appliance that cannot start until someone frees
+        space."""
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return conn, conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            if not _disk_trouble(e):
+                raise
+            first = e
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise first from None
+        self.degraded = f"the disk was full at start ({first}): no other process can read the database until a restart"
+        log.error("database %s: %s", self.path, self.degraded)
+        return conn, ok
 
     def _migrate(self) -> None:
         while True:

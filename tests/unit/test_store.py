@@ -163,6 +163,44 @@ def test_a_full_filesystem_in_the_middle_of_a_batch_loses_and_doubles_no_row(tmp
     assert out["prompts"] == ["before", *(f"{i}xxxxx" for i in range(6)), "after"]
 
 
+FULL_AT_START = """
+import json, os, sys
+from pathlib import Path
+from llmos_edge.store import Store
+
+d = Path(sys.argv[1])
+s = Store(d / "l.db")
+for i in range(40):
+    s.record_request({"prompt": f"{i}"})
+s.close()
+fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:  # the filesystem is full before the next start
+    pass
+s = Store(d / "l.db", keep_requests=10)  # pruning needs room too: it waits for the next start
+s.record_request({"prompt": "while full"})
+out = {"pending_full": s.pending, "rows_full": s.db.execute("SELECT count(*) FROM requests").fetchone()[0]}
+out["degraded"] = s.degraded
+os.close(fd)
+os.unlink(d / "filler")
+s.record_request({"prompt": "after"})
+s.close()
+s = Store(d / "l.db", keep_requests=10)
+out["prompts"] = [r["prompt"] for r in s.recent_requests(100)]
+out["degraded_after"] = s.degraded
+print(json.dumps(out))
+"""
+
+
+def test_a_full_filesystem_at_start_does_not_stop_the_store(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, FULL_AT_START)
+    assert out["pending_full"] == 1 and out["rows_full"] == 40  # it opened, kept the row, pruned nothing yet
+    assert "the disk was full at start" in out["degraded"] and out["degraded_after"] == ""
+    assert out["prompts"] == [*(str(i) for i in range(32, 40)), "while full", "after"]
+
+
 def test_a_write_error_that_is_not_the_disk_is_raised_and_not_kept(tmp_path: Path) -> None:
     s = Store(tmp_path / "l.db")
     with pytest.raises(sqlite3.OperationalError, match="no column named"):
