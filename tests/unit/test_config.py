@@ -7,6 +7,7 @@ import pytest
 
 from llmos_edge.config import (
     LAST_GOOD,
+    RULES,
     Config,
     broken_rule,
     last_good_path,
@@ -85,8 +86,9 @@ def test_readme_config_reference_matches_the_schema() -> None:
     assert reference() in (REPO / "README.md").read_text()
 
 
-def test_the_defaults_keep_every_rule_between_keys() -> None:
+def test_the_defaults_keep_every_rule_between_keys_and_the_rules_name_real_keys() -> None:
     assert broken_rule(Config()) is None
+    assert all(f"| `{key}` |" in reference() for rule in RULES for key in rule.keys)
 
 
 @pytest.mark.parametrize(
