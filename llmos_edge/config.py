@@ -2,13 +2,18 @@
 
 The schema is declared once (the dataclasses below, with a doc string per setting); validation, the defaults and
 the reference in README.md (`llmos config-reference`) are all derived from it, so they cannot drift apart.
-On a device an invalid override must not brick it: `load_layers` skips a broken file and says why.
+On a device an invalid override must not brick it: `load_layers` skips a broken file and says why, and runs the
+last configuration that worked (`save_last_good`, written once the appliance is READY) rather than the layers below
+the broken one. Keys that only make sense together (the setpoint below the critical temperature, and the like) are
+checked on the merged whole (`RULES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +99,18 @@ class ConsoleConfig:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    path: str = setting("/var/lib/llmos/llmos.db", "SQLite database of starts, requests and events.")
+    path: str = setting(
+        "/var/lib/llmos/llmos.db",
+        "SQLite database of starts, requests, events and voice interactions. `last-good.yaml` beside it is the last "
+        "configuration that reached READY, run when a config file is broken.",
+    )
     keep_requests: int = setting(100000, "Request rows kept; older ones are deleted at start.", minimum=10)
+    keep_events: int = setting(
+        100000,
+        "Event rows kept (restarts, fallbacks, governor decisions); older ones are deleted at start.",
+        minimum=10,
+    )
+    keep_voice: int = setting(100000, "Voice interaction rows kept; older ones are deleted at start.", minimum=10)
 
 
 @dataclass(frozen=True)
@@ -282,7 +297,74 @@ class LoadedConfig:
 
     config: Config
     sources: tuple[str, ...]
-    fallback: str = ""  # why a file was skipped; empty when every file given was used
+    # Why a file was skipped, and what runs instead (the last configuration that worked, or the layers below the
+    # broken file); empty when every file given was used.
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A relation between keys, checked on the merged configuration: one file may set one key, another the other."""
+
+    keys: tuple[str, ...]
+    holds: Callable[[Config], bool]
+    says: str  # the rule, in the error and in the reference
+    hint: str  # why, and what to change
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("model.max_tokens", "model.context"),
+        lambda c: c.model.max_tokens < c.model.context,
+        "model.max_tokens must be below model.context",
+        "the prompt and the answer share the context; lower model.max_tokens or raise model.context",
+    ),
+    Rule(
+        ("governor.setpoint", "governor.critical"),
+        lambda c: c.governor.setpoint < c.governor.critical,
+        "governor.setpoint must be below governor.critical",
+        "the controller holds the board at the setpoint and stops generation at critical; lower governor.setpoint "
+        "or raise governor.critical",
+    ),
+    Rule(
+        ("governor.critical", "governor.cool_margin", "governor.setpoint"),
+        lambda c: c.governor.critical - c.governor.cool_margin >= c.governor.setpoint,
+        "governor.critical less governor.cool_margin must not be below governor.setpoint",
+        "after a critical stop requests resume at critical - cool_margin; below the setpoint the board would have to "
+        "cool further than normal running keeps it, which on a warm day may never happen; lower governor.cool_margin",
+    ),
+    Rule(
+        ("scheduler.aging", "scheduler.deadline_background"),
+        lambda c: c.scheduler.aging < c.scheduler.deadline_background,
+        "scheduler.aging must be below scheduler.deadline_background",
+        "a background request would be answered busy before aging lets it go first; lower scheduler.aging",
+    ),
+    Rule(
+        ("voice.listen_seconds", "voice.end_silence_ms", "voice.wake_word"),
+        lambda c: (
+            not c.voice.wake_word
+            or c.voice.listen_seconds == 0
+            or c.voice.listen_seconds > c.voice.end_silence_ms / 1000
+        ),
+        "voice.listen_seconds must be 0 or longer than voice.end_silence_ms, when voice.wake_word is set",
+        "a command after the wake word ends only after end_silence_ms of silence, so a shorter window never hears "
+        "one; raise voice.listen_seconds, or set it to 0 to always say the wake word",
+    ),
+)
+
+
+def _value(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def broken_rule(config: Config) -> Rule | None:
+    return next((r for r in RULES if not r.holds(config)), None)
+
+
+def _rule_error(rule: Rule, config: Config, path: str) -> UserError:
+    values = ", ".join(f"{k} is {_value(config, k)!r}" for k in rule.keys)
+    return UserError(f"{path}: {rule.says} ({values})", rule.hint)
 
 
 def _type_name(t: type[Any]) -> str:
@@ -362,8 +444,8 @@ def merge(base: Config, data: Any, path: str) -> Config:
     return dataclasses.replace(base, **sections)
 
 
-def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Config:
-    """Read and validate one config file strictly."""
+def _read(path: str | os.PathLike[str]) -> Any:
+    """Parse one config file (strict YAML: a repeated key is an error)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -374,7 +456,7 @@ def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Confi
     except OSError as e:
         raise UserError(f"{p}: cannot read: {e.strerror}", "check the file's permissions") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -383,24 +465,109 @@ def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Confi
             f"{p}: invalid YAML{where}: {problem}",
             "check indentation and quoting; `llmos check-config FILE` validates",
         ) from None
-    return merge(base or Config(), data, str(p))
 
 
-def load_layers(files: list[str], optional: list[str] | None = None) -> LoadedConfig:
-    """Built-in defaults, then each file in order. A broken file is skipped (the device keeps running on the
-    layers below it) and the reason is returned in `fallback`; a missing optional file is simply not used."""
-    config = Config()
-    used: list[str] = ["defaults"]
+def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Config:
+    """Read and validate one config file strictly, on top of `base`: each key, then the keys' relations (RULES)."""
+    config = merge(base or Config(), _read(path), str(path))
+    if (rule := broken_rule(config)) is not None:
+        raise _rule_error(rule, config, str(path))
+    return config
+
+
+def _sets(data: Any, key: str) -> bool:
+    section, name = key.split(".")
+    return isinstance(data, dict) and isinstance(data.get(section), dict) and name in data[section]
+
+
+def _saved_at(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(path.stat().st_mtime))
+
+
+def load_layers(
+    files: list[str],
+    optional: list[str] | None = None,
+    *,
+    last_good: str | os.PathLike[str] | None = None,
+) -> LoadedConfig:
+    """Built-in defaults, then each file in order; a missing optional file is simply not used.
+
+    A file that does not validate is skipped, and the reason is returned in `fallback`. Each file's keys are checked
+    as it is read, the relations between keys (RULES) on the merged whole: a file that makes the whole break a rule
+    is the one skipped (the last one that sets a key of the rule). When a file was skipped and `last_good` names a
+    saved configuration (`save_last_good`) that still validates, that configuration runs instead of the layers
+    below the broken file: they may be a combination that never ran together."""
+    layers: list[tuple[str, Any]] = []  # (path, parsed document), each valid key by key
     problems: list[str] = []
+    config = Config()
     for path, is_optional in [(f, False) for f in files] + [(f, True) for f in optional or []]:
         if is_optional and not Path(path).exists():
             continue
         try:
-            config = load_file(path, config)
-            used.append(path)
+            data = _read(path)
+            config = merge(config, data, path)
+            layers.append((path, data))
         except UserError as e:
             problems.append(str(e))
-    return LoadedConfig(config=config, sources=tuple(used), fallback="; ".join(problems))
+    while (rule := broken_rule(config)) is not None:
+        culprit = next(i for i in reversed(range(len(layers))) if any(_sets(layers[i][1], k) for k in rule.keys))
+        problems.append(str(_rule_error(rule, config, layers[culprit][0])))
+        del layers[culprit]
+        config = Config()
+        for path, data in layers:  # valid key by key before, so valid again
+            config = merge(config, data, path)
+    used = ("defaults", *(path for path, _ in layers))
+    if problems and last_good is not None and Path(last_good).exists():
+        try:
+            saved = load_file(last_good)
+        except UserError as e:
+            problems.append(f"the last configuration that worked could not be used either: {e}")
+        else:
+            reason = "; ".join(problems)
+            saved_at = _saved_at(Path(last_good))
+            return LoadedConfig(
+                config=saved,
+                sources=("defaults", str(last_good)),
+                fallback=f"{reason}; running the last configuration that worked (saved {saved_at})",
+            )
+    return LoadedConfig(config=config, sources=used, fallback="; ".join(problems))
+
+
+LAST_GOOD = "last-good.yaml"
+
+
+def last_good_path(database_path: str | os.PathLike[str]) -> Path:
+    """Where the last configuration that worked is kept: beside the database, on the writable partition."""
+    return Path(database_path).parent / LAST_GOOD
+
+
+def save_last_good(config: Config, path: str | os.PathLike[str]) -> None:
+    """Keep `config` as the last configuration that worked: written whole or not at all (a temporary file, fsync,
+    rename, fsync of the directory), so a power cut never leaves half a file for the next start to fall back on."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    text = (
+        "# The last configuration that loaded and reached READY, saved by llmos-edge. It runs instead when a config\n"
+        "# file is broken. Edit the config files, not this one: it is replaced at the next good start.\n" + dump(config)
+    )
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot save the last good configuration to {p}: {e.strerror}",
+            "free space on the database's filesystem; the previous saved configuration (if any) is unchanged",
+        ) from None
 
 
 def dump(config: Config) -> str:
@@ -415,4 +582,6 @@ def reference() -> str:
             default = f.default
             shown = "true" if default is True else "false" if default is False else default
             lines.append(f"| `{name}.{f.name}` | `{shown}` | {f.metadata['doc']} |")
+    lines += ["", "Checked on the configuration merged from all files (a file that breaks one is skipped):", ""]
+    lines += [f"- {r.says}. {r.hint[0].upper()}{r.hint[1:]}." for r in RULES]
     return "\n".join(lines) + "\n"

@@ -2,18 +2,23 @@
 
 Durability over speed: `synchronous=FULL`, so a row committed before a power cut is there after it. A write that
 fails because the disk is full is kept in memory and retried with the next write, so nothing is lost while the
-disk recovers. A database that fails its integrity check is moved aside (kept for inspection), never deleted.
+disk recovers. A database that fails its integrity check is moved aside (kept for inspection), never deleted; one
+that is only locked or unreadable for another reason is left where it is and reported.
+
+A batch of rows, a migration and its `user_version`: each is one transaction (`transaction()`), committed whole or
+not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +142,75 @@ def _v4_models(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2_preemptions, _v3_voice, _v4_models]
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[None]:
+    """One transaction: everything in the block is committed, or none of it.
+
+    Not `with db.conn:`: sqlite3's connection context manager begins nothing (it only commits on exit), so each
+    sqlite-utils call inside it ran in its own transaction, committed before the next one started: a batch that failed
+    half-way was half in the database (and inserted again on the retry), and a migration could be committed without
+    its user_version. Inside this block sqlite-utils' own `atomic()` nests as a savepoint. BEGIN IMMEDIATE, unlike
+    `db.atomic()`'s BEGIN, takes the write lock before anything is read, so a writer in another process is waited for
+    (up to the busy timeout) instead of failing at once when the transaction, having read, tries to write.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()  # a no-op when SQLite has already rolled back by itself (a full disk, an I/O error)
+        raise
+
+
+def _disk_trouble(e: sqlite3.Error) -> bool:
+    """A full disk or a failing write: the rows are kept in memory and written when the disk recovers."""
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+
+
+def _corrupt(e: sqlite3.Error) -> bool:
+    """The file is not a database, or its image is malformed: the only errors that move a database aside."""
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _locked(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 class Store:
-    def __init__(self, path: str | os.PathLike[str], keep_requests: int = 100000) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        keep_requests: int = 100000,
+        *,
+        keep_events: int = 100000,
+        keep_voice: int = 100000,
+        lock_timeout: float = 10.0,
+    ) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._disk_full_logged = False
         self.start_id = 0
         self.recovered_from = ""  # path of a corrupt database moved aside at open
+        self.degraded = ""  # why the database is locked to this process (a full disk at open), for /status
+        self._lock_timeout = lock_timeout
         self.db = self._open()
-        self._migrate()
-        self._retain(keep_requests)
+        try:
+            self._migrate()
+            self._retain({"requests": keep_requests, "events": keep_events, "voice": keep_voice})
+        except sqlite3.OperationalError as e:
+            self.db.conn.close()
+            raise self._open_error(e) from None
+        except BaseException:
+            self.db.conn.close()
+            raise
 
     # -- opening -------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            # A lock held by another process is waited for up to lock_timeout seconds.
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=self._lock_timeout)
         except (OSError, sqlite3.OperationalError) as e:
             raise UserError(
                 f"cannot open the database {self.path}: {e}",
@@ -161,15 +218,31 @@ class Store:
             ) from None
         return conn
 
+    def _open_error(self, e: sqlite3.Error) -> UserError:
+        if _locked(e):
+            return UserError(
+                f"the database {self.path} is locked by another process (waited {self._lock_timeout:g} s)",
+                "is another llmos running on it? stop it (`fuser -v` on the file shows who holds it), or set "
+                "database.path",
+            )
+        return UserError(
+            f"cannot use the database {self.path}: {e}",
+            "check that its filesystem is mounted read-write, has free space and is healthy (`dmesg`); the file was "
+            "left where it is",
+        )
+
     def _open(self) -> sqlite_utils.Database:
-        conn = self._connect()
+        conn: sqlite3.Connection | None = None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-        except sqlite3.DatabaseError:  # "file is not a database", "database disk image is malformed"
+            conn, ok = self._connect_checked()
+        except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                # A lock, an I/O error, a read-only filesystem: the file may be perfectly good. Never move it for that.
+                raise self._open_error(e) from None
             ok = False
         if not ok:
-            conn.close()
+            if conn is not None:
+                conn.close()
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
@@ -177,27 +250,69 @@ class Store:
                     src.rename(Path(str(aside) + suffix))
             self.recovered_from = str(aside)
             log.error("database %s failed its integrity check; moved it to %s and started a new one", self.path, aside)
-            conn = self._connect()
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn, _ = self._connect_checked()
+            except sqlite3.DatabaseError as e:
+                raise self._open_error(e) from None
+        assert conn is not None
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         return sqlite_utils.Database(conn)
 
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise UserError(
-                f"the database {self.path} is from a newer llmos-edge (schema {version})",
-                "update llmos-edge, or move the database aside",
-            )
-        for i in range(version, len(MIGRATIONS)):
-            with self.db.conn:
-                MIGRATIONS[i](self.db)
-                self.db.execute(f"PRAGMA user_version={i + 1}")
+    def _connect_checked(self) -> tuple[sqlite3.Connection, bool]:
+        """Connect in WAL mode and run quick_check: (connection, whether it passed).
 
-    def _retain(self, keep_requests: int) -> None:
-        with self.db.conn:
-            self.db.execute("DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?", [keep_requests])
+        On a full disk SQLite cannot create the WAL index (the -shm file, removed at a clean close: "disk I/O error",
+        SQLITE_IOERR_SHMSIZE) and the database cannot even be read. Exclusive locking mode keeps the index in memory
+        instead: the appliance starts, rows wait in memory until there is room, and only other processes (`llmos
+        logs`) are locked out until the next start. Better than an appliance that cannot start until someone frees
+        space."""
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return conn, conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            if not _disk_trouble(e):
+                raise
+            first = e
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise first from None
+        self.degraded = f"the disk was full at start ({first}): no other process can read the database until a restart"
+        log.error("database %s: %s", self.path, self.degraded)
+        return conn, ok
+
+    def _migrate(self) -> None:
+        while True:
+            with transaction(self.db):  # the migration and its user_version, or neither
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise UserError(
+                        f"the database {self.path} is from a newer llmos-edge (schema {version})",
+                        "update llmos-edge, or move the database aside",
+                    )
+                if version == len(MIGRATIONS):
+                    return
+                MIGRATIONS[version](self.db)
+                self.db.execute(f"PRAGMA user_version={version + 1}")
+
+    def _retain(self, keep: dict[str, int]) -> None:
+        """Delete all but the newest `keep[table]` rows of each table, at start (ids grow with time)."""
+        try:
+            with transaction(self.db):
+                for table, n in keep.items():
+                    self.db.execute(f"DELETE FROM [{table}] WHERE id <= (SELECT MAX(id) FROM [{table}]) - ?", [n])
+        except sqlite3.OperationalError as e:
+            if not _disk_trouble(e):
+                raise
+            # Deleting needs room in the WAL too: on a full disk start anyway, and prune at the next start.
+            log.error("could not prune old rows (%s); the database keeps them until the next start", e)
 
     # -- writing -------------------------------------------------------------------------------------------
     def _write(self, table: str, row: dict[str, Any]) -> int | None:
@@ -206,14 +321,16 @@ class Store:
             self._pending.append((table, row))
             try:
                 last = None
-                with self.db.conn:  # one transaction: on failure nothing of it is committed, all stays pending
+                # One transaction: on failure none of the batch is committed, and all of it stays pending.
+                with transaction(self.db):
                     for t, r in self._pending:
                         last = self.db.table(t).insert(r, replace=True).last_pk
                 self._pending.clear()
                 self._disk_full_logged = False
                 return int(last) if last is not None else None
             except sqlite3.OperationalError as e:
-                if "full" not in str(e) and "disk I/O" not in str(e):
+                if not _disk_trouble(e):
+                    self._pending.pop()  # not a disk that will recover: keeping the row would fail every later write
                     raise
                 if not self._disk_full_logged:
                     log.error("database write failed (%s); keeping rows in memory until there is room", e)

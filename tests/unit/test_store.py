@@ -1,8 +1,16 @@
+import json
+import shutil
 import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlite_utils
 
+from llmos_edge import store as store_module
 from llmos_edge.errors import UserError
 from llmos_edge.store import MIGRATIONS, Store
 
@@ -72,3 +80,265 @@ def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot open the database"):
         Store(tmp_path / "file" / "l.db")
+
+
+def test_a_batch_that_fails_half_way_is_written_once_when_space_returns(tmp_path: Path) -> None:
+    s = Store(tmp_path / "l.db")
+    s.record_request({"prompt": "before"})
+    pages = s.db.execute("PRAGMA page_count").fetchone()[0]
+    s.db.execute(f"PRAGMA max_page_count={pages}")  # a real SQLITE_FULL from SQLite's pager
+    for i in range(5):
+        s.record_request({"prompt": f"{i}" + "x" * 3000})
+    assert s.pending >= 4
+    # Room for a row or two of the batch, not all of it: each row committed on its own used to stay committed here,
+    # and stay pending too, so it was inserted again when space returned.
+    s.db.execute(f"PRAGMA max_page_count={pages + 2}")
+    s.record_request({"prompt": "5" + "x" * 3000})
+    assert s.pending >= 5
+    s.db.execute("PRAGMA max_page_count=1073741823")
+    s.record_request({"prompt": "after"})
+    assert s.pending == 0
+    prompts = [r["prompt"][:6] for r in s.recent_requests(100)]
+    assert prompts == ["before", *(f"{i}xxxxx" for i in range(6)), "after"]
+
+
+# Runs in a private mount namespace (unshare), on a tmpfs of 512 KiB that vanishes with the process.
+FULL_FILESYSTEM = """
+import json, os, sys
+from pathlib import Path
+from llmos_edge.store import Store
+
+d = Path(sys.argv[1])
+s = Store(d / "l.db")
+s.record_request({"prompt": "before"})
+fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+size = 0
+try:
+    while True:
+        size += os.write(fd, bytes(4096))
+except OSError:  # ENOSPC: the filesystem is full
+    pass
+out = {}
+for i in range(5):
+    s.record_request({"prompt": f"{i}" + "x" * 3000})
+out["pending_full"] = s.pending
+os.ftruncate(fd, size - 16384)  # room for a row or two (measured: the old code committed one), not six
+s.record_request({"prompt": "5" + "x" * 3000})
+out["pending_partial"] = s.pending
+out["rows_partial"] = s.db.execute("SELECT count(*) FROM requests").fetchone()[0]
+os.close(fd)
+os.unlink(d / "filler")
+s.record_request({"prompt": "after"})
+out["pending_after"] = s.pending
+out["prompts"] = [r[0][:6] for r in s.db.execute("SELECT prompt FROM requests ORDER BY id")]
+out["integrity_ok"] = s.integrity_ok()
+print(json.dumps(out))
+"""
+
+
+def _on_a_small_tmpfs(tmp_path: Path, script: str) -> dict[str, Any]:
+    """Run `script` with a 512 KiB tmpfs as its argv[1], in a private mount namespace: the mount vanishes with the
+    process, and it works without root where user namespaces are allowed (Debian's default)."""
+    unshare = shutil.which("unshare")
+    assert unshare, "this test needs unshare (util-linux) to mount a small tmpfs in a private mount namespace"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_and_run = 'mount -t tmpfs -o size=512k llmos-test "$1" && exec "$2" -c "$3" "$1"'
+    r = subprocess.run(
+        [unshare, "--mount", "--map-root-user", "sh", "-c", mount_and_run, "sh", mnt, sys.executable, script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, f"the run on a tmpfs failed (user namespaces and tmpfs needed): {r.stderr}"
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def test_a_full_filesystem_in_the_middle_of_a_batch_loses_and_doubles_no_row(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, FULL_FILESYSTEM)
+    assert out["pending_full"] == 5  # the disk is really full: nothing was written
+    assert out["pending_partial"] == 6 and out["rows_partial"] == 1  # nothing of the batch was half-committed
+    assert out["pending_after"] == 0 and out["integrity_ok"]
+    assert out["prompts"] == ["before", *(f"{i}xxxxx" for i in range(6)), "after"]
+
+
+FULL_AT_START = """
+import json, os, sys
+from pathlib import Path
+from llmos_edge.store import Store
+
+d = Path(sys.argv[1])
+s = Store(d / "l.db")
+for i in range(40):
+    s.record_request({"prompt": f"{i}"})
+s.close()
+fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:  # the filesystem is full before the next start
+    pass
+s = Store(d / "l.db", keep_requests=10)  # pruning needs room too: it waits for the next start
+s.record_request({"prompt": "while full"})
+out = {"pending_full": s.pending, "rows_full": s.db.execute("SELECT count(*) FROM requests").fetchone()[0]}
+out["degraded"] = s.degraded
+os.close(fd)
+os.unlink(d / "filler")
+s.record_request({"prompt": "after"})
+s.close()
+s = Store(d / "l.db", keep_requests=10)
+out["prompts"] = [r["prompt"] for r in s.recent_requests(100)]
+out["degraded_after"] = s.degraded
+print(json.dumps(out))
+"""
+
+
+def test_a_full_filesystem_at_start_does_not_stop_the_store(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, FULL_AT_START)
+    assert out["pending_full"] == 1 and out["rows_full"] == 40  # it opened, kept the row, pruned nothing yet
+    assert "the disk was full at start" in out["degraded"] and out["degraded_after"] == ""
+    assert out["prompts"] == [*(str(i) for i in range(32, 40)), "while full", "after"]
+
+
+def test_a_write_error_that_is_not_the_disk_is_raised_and_not_kept(tmp_path: Path) -> None:
+    s = Store(tmp_path / "l.db")
+    with pytest.raises(sqlite3.OperationalError, match="no column named"):
+        s.record_request({"prompt": "x", "no_such_column": 1})
+    assert s.pending == 0  # it would fail every later write
+    s.record_request({"prompt": "next"})
+    assert [r["prompt"] for r in s.recent_requests()] == ["next"]
+
+
+def _schema(path: Path) -> tuple[int, list[tuple[str, str]]]:
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version, conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_migration_that_fails_half_way_changes_neither_schema_nor_user_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = tmp_path / "l.db"
+    Store(p).close()
+    before = _schema(p)
+
+    def half_done(db: sqlite_utils.Database) -> None:
+        db.table("new_table").create({"id": int, "x": str}, pk="id")
+        db.table("requests").add_column("new_column", int)
+        db.table("new_table").insert({"x": "a row"})
+        raise RuntimeError("the migration broke half-way")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, half_done])
+    with pytest.raises(RuntimeError, match="half-way"):
+        Store(p)
+    assert _schema(p) == before
+
+    def whole(db: sqlite_utils.Database) -> None:
+        db.table("new_table").create({"id": int, "x": str}, pk="id")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, whole])
+    Store(p).close()  # the fixed migration runs from the start: nothing of the broken one is in its way
+    version, tables = _schema(p)
+    assert version == len(MIGRATIONS) + 1 and "new_table" in [name for name, _ in tables]
+
+
+def _lock(path: Path, journal_mode: str) -> sqlite3.Connection:
+    """Another process's exclusive lock on a healthy database (a second connection stands in for it)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA journal_mode={journal_mode}")
+    conn.execute("BEGIN EXCLUSIVE")
+    conn.execute("INSERT INTO events (kind, message) VALUES ('other', 'the other process')")
+    return conn
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_a_locked_database_is_reported_in_one_sentence_and_never_moved_aside(tmp_path: Path, journal_mode: str) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p)
+    s.record_request({"prompt": "kept"})
+    s.close()
+    other = _lock(p, journal_mode)
+    try:
+        with pytest.raises(UserError) as e:
+            Store(p, lock_timeout=0.3)
+    finally:
+        other.rollback()
+        other.close()
+    assert "locked by another process" in str(e.value) and "\n" not in str(e.value) and e.value.hint
+    assert sorted(f.name for f in tmp_path.iterdir() if ".corrupt-" in f.name) == []
+    s = Store(p)
+    assert not s.recovered_from and [r["prompt"] for r in s.recent_requests()] == ["kept"]
+
+
+READ_ONLY_FILESYSTEM = """
+import json, subprocess, sys
+from pathlib import Path
+from llmos_edge.errors import UserError
+from llmos_edge.store import Store
+
+d = Path(sys.argv[1])
+s = Store(d / "l.db")
+s.record_request({"prompt": "kept"})
+s.close()
+subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)  # an I/O fault at open: the file cannot be written
+try:
+    Store(d / "l.db")
+    error = ""
+except UserError as e:
+    error = str(e)
+print(json.dumps({"error": error, "files": sorted(f.name for f in d.iterdir())}))
+"""
+
+
+def test_a_database_that_cannot_be_written_is_reported_and_left_where_it_is(tmp_path: Path) -> None:
+    out = _on_a_small_tmpfs(tmp_path, READ_ONLY_FILESYSTEM)
+    assert out["error"].startswith(f"cannot use the database {tmp_path / 'mnt' / 'l.db'}")
+    assert out["files"] == ["l.db"]  # not renamed to l.db.corrupt-* (the old code tried, and failed on EROFS)
+
+
+def test_a_lock_released_while_opening_is_waited_for(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    Store(p).close()
+    other = _lock(p, "delete")
+    release = threading.Timer(0.5, other.rollback)
+    release.start()
+    try:
+        s = Store(p, lock_timeout=60)  # waits for the other process, however slow this machine is
+    finally:
+        release.join()
+        other.close()
+    assert not s.recovered_from and s.integrity_ok()
+
+
+def test_a_malformed_database_is_moved_aside(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p)
+    for i in range(200):
+        s.record_request({"prompt": f"row {i}" * 20})
+    s.close()
+    data = bytearray(p.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[4 * page : 6 * page] = b"\xa5" * (2 * page)  # two pages of a table overwritten: a malformed image
+    p.write_bytes(bytes(data))
+    s = Store(p)
+    assert s.recovered_from and Path(s.recovered_from).read_bytes() == bytes(data)
+    assert s.recent_requests() == [] and s.integrity_ok()
+
+
+def test_events_and_voice_rows_are_pruned_at_start_like_requests(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p)
+    for i in range(30):
+        s.event("tick", str(i))
+        s.record_voice({"heard": str(i)})
+        s.record_request({"prompt": str(i)})
+    s.close()
+    s = Store(p, keep_requests=20, keep_events=10, keep_voice=5)
+    assert [r["message"] for r in s.recent_events(100)] == [str(i) for i in range(20, 30)]
+    assert [r["heard"] for r in s.db["voice"].rows_where(order_by="id")] == [str(i) for i in range(25, 30)]
+    assert len(s.recent_requests(100)) == 20
