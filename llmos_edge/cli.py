@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmos_edge import __version__
-from llmos_edge.config import LoadedConfig, dump, load_file, load_layers, reference
+from llmos_edge.config import LoadedConfig, dump, last_good_path, load_file, load_layers, reference
 from llmos_edge.errors import UserError
 
 DEFAULT_CONFIG = "/etc/llmos/llmos.yaml"
@@ -51,7 +51,9 @@ def _with_overrides(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedCon
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    loaded = _with_overrides(load_layers(args.config, args.override), args)
+    # The last configuration that ran lives beside the database; which database is itself a setting.
+    db = args.db or load_layers(args.config, args.override).config.database.path
+    loaded = _with_overrides(load_layers(args.config, args.override, last_good=last_good_path(db)), args)
     log_file = None
     if loaded.config.console.device == "stdio" and sys.stderr.isatty():
         # The console owns this terminal: log lines in the middle of an answer would garble it.
@@ -73,8 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded.fallback:
         print(f"llmos: error: {loaded.fallback}", file=sys.stderr)
         print(
-            "llmos: hint: running on the remaining configuration; fix the file and restart "
-            "(`llmos check-config FILE` validates)",
+            "llmos: hint: fix the file and restart (`llmos check-config FILE` validates); meanwhile it runs as "
+            "the error says",
             file=sys.stderr,
         )
     from llmos_edge.supervisor import Supervisor  # heavy imports only for the command that needs them
@@ -83,6 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         supervisor = Supervisor(loaded)
     except UserError as e:
         _die(e)
+        if e.passing:  # a lock another process holds: systemd's restart tries again
+            logging.getLogger("llmos").error("cannot start for now: %s", e)
+            return 1
         logging.getLogger("llmos").error("cannot start, and a restart would not help: %s", e)
         return EXIT_CANNOT_WORK
     try:

@@ -224,6 +224,7 @@ class Store:
                 f"the database {self.path} is locked by another process (waited {self._lock_timeout:g} s)",
                 "is another llmos running on it? stop it (`fuser -v` on the file shows who holds it), or set "
                 "database.path",
+                passing=True,
             )
         return UserError(
             f"cannot use the database {self.path}: {e}",
@@ -394,10 +395,10 @@ class Store:
         Unlike request rows these are not held back on a full disk: the caller must know the change failed."""
         with self._lock:
             try:
-                with self.db.conn:
+                with transaction(self.db):
                     for row in rows:
                         self.db.table("models").insert(row, replace=True)
-            except sqlite3.OperationalError as e:
+            except sqlite3.Error as e:
                 raise UserError(
                     f"cannot update the model registry in {self.path}: {e}",
                     "free space on /var (`/status` shows the database); the model store was left as it was",

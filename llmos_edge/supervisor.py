@@ -21,7 +21,7 @@ import psutil
 import sdnotify
 
 from llmos_edge import __version__
-from llmos_edge.config import Config, LoadedConfig
+from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineSettings, default_threads
@@ -62,7 +62,12 @@ class Supervisor:
         self.self_test = "not run"
         self.stop_reason = ""  # SIGTERM, SIGINT, SIGHUP or Ctrl-D: recorded as the start's exit_reason
         c = self.cfg
-        self.store = Store(c.database.path, keep_requests=c.database.keep_requests)
+        self.store = Store(
+            c.database.path,
+            keep_requests=c.database.keep_requests,
+            keep_events=c.database.keep_events,
+            keep_voice=c.database.keep_voice,
+        )
         self.watch = ThreadWatch(self.store)
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
@@ -194,6 +199,12 @@ class Supervisor:
             self.notifier.notify("READY=1")
             self.ready_sent = True
             log.info("ready: %s", self.status_line())
+            if not self.loaded.fallback and self.keeper.es.state is KeeperState.READY:
+                # This configuration ran: it is what a broken edit falls back to from now on.
+                try:
+                    save_last_good(self.cfg, last_good_path(self.cfg.database.path))
+                except UserError as e:
+                    log.warning("%s", e)
 
     # -- status --------------------------------------------------------------------------------------------
     def _shown_state(self) -> str:
@@ -258,6 +269,7 @@ class Supervisor:
         lines.append(
             f"database: {self.store.path}"
             + (f" ({self.store.pending} rows waiting for disk space)" if self.store.pending else "")
+            + (f" (degraded: {self.store.degraded})" if self.store.degraded else "")
         )
         return lines
 

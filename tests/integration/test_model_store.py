@@ -29,6 +29,8 @@ def rows(app: Appliance, sql: str, *args: object) -> list[tuple[object, ...]]:
     db = sqlite3.connect(app.db)
     try:
         return db.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # not created yet: the supervisor is still starting
+        return []
     finally:
         db.close()
 
@@ -215,6 +217,7 @@ def test_a_load_timeout_is_retried(appliance_factory: type[Appliance], tmp_path:
     app = appliance_factory(config="engine:\n  load_timeout: 3\n")
     pid = catch_worker_while_loading(app, signal.SIGSTOP)
     app.wait_ready(60)
+    app.console.read_until(b"llmos> ", 10)
     assert app.console.ask("ping") == "pong"
     retries = [m for (m,) in rows(app, "SELECT message FROM events WHERE kind='model_retry'")]
     assert retries and "did not load within 3 s" in retries[0], retries
@@ -225,6 +228,7 @@ def test_a_worker_killed_while_loading_is_retried(appliance_factory: type[Applia
     app = appliance_factory()
     catch_worker_while_loading(app, signal.SIGKILL)
     app.wait_ready(60)
+    app.console.read_until(b"llmos> ", 10)
     assert app.console.ask("ping") == "pong"
     retries = [m for (m,) in rows(app, "SELECT message FROM events WHERE kind='model_retry'")]
     assert retries and "killed by signal SIGKILL" in retries[0], retries
@@ -248,6 +252,7 @@ def test_memory_briefly_short_is_retried(appliance_factory: type[Appliance], tmp
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not rows(app, "SELECT 1 FROM events WHERE kind='model_retry'"):
         time.sleep(0.2)
+    app.console.read_until(b"llmos> ", 10)  # the banner's prompt
     state = app.console.status()["state"]
     assert state.startswith("retrying (memory is short for now: ") and "trying again in" in state, state
     _meminfo(root, 2048)
@@ -259,8 +264,8 @@ def test_the_ladder_falls_back_when_memory_is_short_and_goes_back(
     appliance_factory: type[Appliance], tmp_path: Path
 ) -> None:
     big = speed_model("25M")
-    need_big = estimate_memory(read_gguf(big), 512).total / MIB
-    need_small = estimate_memory(read_gguf(MODEL), 512).total / MIB
+    need_big = estimate_memory(read_gguf(big), 256).total / MIB  # the pre-flight tries down to context 256
+    need_small = estimate_memory(read_gguf(MODEL), 256).total / MIB
     assert need_small + 20 < need_big
     root = tmp_path / "root"
     _meminfo(root, 4096)
@@ -272,7 +277,7 @@ def test_the_ladder_falls_back_when_memory_is_short_and_goes_back(
     _meminfo(root, (need_small + need_big) / 2 + 8)
     os.kill(app.engine_pid(), signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while "FALLBACK" not in app.console.status()["models"] and time.monotonic() < deadline:
+    while not app.console.status()["state"].startswith("degraded") and time.monotonic() < deadline:
         time.sleep(0.3)
     st = app.console.status()
     assert "FALLBACK running default instead of speed-25m-q4_k_m: memory is short for now" in st["models"], st
@@ -282,10 +287,10 @@ def test_the_ladder_falls_back_when_memory_is_short_and_goes_back(
     assert any("running default instead of" in m for m in app.notify.messages if m.startswith("STATUS="))
     _meminfo(root, 4096)  # the cause is gone: back to the model that should run
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not app.console.status()["model"].startswith("speed"):
+    while time.monotonic() < deadline and "speed-25m" not in app.console.status().get("model", ""):
         time.sleep(0.3)
     st = app.console.status()
-    assert st["model"].startswith("speed") and st["state"] == "ready" and "FALLBACK" not in st["models"], st
+    assert "speed-25m" in st["model"] and st["state"] == "ready" and "FALLBACK" not in st["models"], st
     kinds = [k for (k,) in rows(app, "SELECT kind FROM events ORDER BY id")]
     assert kinds.index("model_fallback") < kinds.index("model_fallback_end")
 
@@ -324,6 +329,7 @@ def test_each_vocab_only_gguf_settles_on_one_sentence(tmp_path: Path) -> None:
             t0 = time.monotonic()
             app.wait_ready(30)
             settled = time.monotonic() - t0
+            app.console.read_until(b"llmos> ", 10)
             state = app.console.status()["state"]
             assert state.startswith("failed ("), (f.name, state)
             reason = state.removeprefix("failed (").removesuffix(")")
@@ -384,10 +390,10 @@ def test_the_ladder_steps_down_when_the_board_stays_too_hot_and_back_when_cool(
     assert "running default instead of speed-25m-q4_k_m: the board stays too hot for it (91.0 °C)" in st["models"]
     write_zone(root, 50.0)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not app.console.status()["model"].startswith("speed"):
+    while time.monotonic() < deadline and "speed-25m" not in app.console.status().get("model", ""):
         time.sleep(0.3)
     st = app.console.status()
-    assert st["model"].startswith("speed") and "FALLBACK" not in st["models"], st
+    assert "speed-25m" in st["model"] and "FALLBACK" not in st["models"], st
     assert app.console.ask("hello")
 
 

@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from llmos_edge.console import Console
 from llmos_edge.readiness import ThreadWatch
 from llmos_edge.scheduler import Scheduler
@@ -41,6 +43,7 @@ class BrokenOnce:
         pass
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the test
 def test_a_console_thread_that_dies_is_started_again_and_recorded() -> None:
     port = BrokenOnce()
     sched = Scheduler(engine=None, recorder=None)  # type: ignore[arg-type]  # never started: the console only submits
