@@ -311,7 +311,8 @@ class GGUFInfo:
 
 def _show(s: str, limit: int = 60) -> str:
     """A name from the file, safe to put in a one-line message: quoted, escaped, cut short."""
-    return ascii(s if len(s) <= limit else s[:limit] + "...")
+    r = ascii(s)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 class _Reader:
@@ -474,7 +475,7 @@ def _parse(r: _Reader) -> GGUFInfo:
     for _ in range(n_tensors):
         name = r.string()
         if len(name.encode()) >= GGML_MAX_NAME:
-            raise r.corrupt(f"the tensor name {_show(name)} is too long")
+            raise r.corrupt(f"a tensor name of {len(name.encode())} bytes, {_show(name, 30)}")
         if name in names:
             raise r.corrupt(f"the tensor {_show(name)} appears twice")
         names.add(name)
@@ -571,6 +572,12 @@ _REPACK_X86_AVX512 = (8, {"Q2_K"})
 _REPACK_ARM_DOTPROD = (4, {"Q4_0", "IQ4_NL", "MXFP4", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 
 
+def _mib(n: int) -> str:
+    """Bytes in MiB for a message: whole MiB, or three digits for the absurd sizes a damaged header describes."""
+    v = n / MIB
+    return f"{v:.0f}" if v < 1e7 else f"{v:.3g}"
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     n_ctx: int  # as llama.cpp will allocate it (rounded up to 256)
@@ -587,9 +594,9 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (
-            f"{self.total / MIB:.0f} MiB at context {self.n_ctx} (weights {(self.weights + self.repacked) / MIB:.0f},"
-            f" KV cache {self.kv_cache / MIB:.0f} {self.kv_type}, compute {self.compute / MIB:.0f}, runtime "
-            f"{self.runtime / MIB:.0f})"
+            f"{_mib(self.total)} MiB at context {self.n_ctx} (weights {_mib(self.weights + self.repacked)},"
+            f" KV cache {_mib(self.kv_cache)} {self.kv_type}, compute {_mib(self.compute)}, runtime "
+            f"{_mib(self.runtime)})"
         )
 
 
@@ -702,8 +709,8 @@ def fit_context(
         ctx -= CTX_PAD
     smallest = estimate_memory(info, MIN_CONTEXT, kv_type, features)
     raise UserError(
-        f"{info.path.name} needs {smallest.total / MIB:.0f} MiB even at context {MIN_CONTEXT}, but the memory budget "
-        f"is {budget / MIB:.0f} MiB ({smallest.describe()})",
+        f"{info.path.name} needs {_mib(smallest.total)} MiB even at context {MIN_CONTEXT}, but the memory budget "
+        f"is {_mib(budget)} MiB ({smallest.describe()})",
         "use a smaller quantization (Q4_K_M) or a smaller model, or raise governor.memory_budget_mb (or the "
         "service's MemoryMax)",
     )
