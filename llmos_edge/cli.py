@@ -122,7 +122,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_model_info(args: argparse.Namespace) -> int:
     from llmos_edge.models import describe, read_gguf
 
-    print(json.dumps(describe(read_gguf(args.path)), indent=2))
+    print(json.dumps(describe(read_gguf(args.path)), indent=2, allow_nan=False))
     return 0
 
 

@@ -8,12 +8,12 @@ neither time nor memory.
 
 from __future__ import annotations
 
-import mmap
+import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmos_edge.errors import UserError
 
@@ -316,35 +316,56 @@ def _show(s: str, limit: int = 60) -> str:
 
 
 class _Reader:
-    """A cursor over the memory-mapped file: only the pages the header occupies are ever read."""
+    """A cursor over the file, read a chunk at a time: long arrays are stepped over by seeking, and nothing is
+    read or kept before its length has been checked against the bytes left. (Not mmap: a file truncated while it
+    is mapped kills the reading process with SIGBUS.)"""
 
-    def __init__(self, buf: mmap.mmap, path: Path, size: int) -> None:
-        self.buf = buf
+    CHUNK = 1 << 20
+
+    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
+        self.f = f
         self.path = path
-        self.end = min(size, MAX_HEADER)
         self.size = size
-        self.pos = 0
+        self.end = min(size, MAX_HEADER)
+        self.pos = 0  # in the file
+        self.buf = b""
+        self.base = 0  # the file offset of buf[0]
         self.kept = 0
         self.text = 0
 
     def corrupt(self, what: str) -> UserError:
         return UserError(f"{self.path}: corrupt GGUF header ({what})", "the file is damaged; copy it again")
 
-    def need(self, n: int) -> None:
+    def truncated(self) -> UserError:
+        if self.end < self.size:
+            return self.corrupt(f"more than {MAX_HEADER >> 20} MiB of metadata")
+        return UserError(
+            f"{self.path}: the GGUF header is truncated", "the file is incomplete; copy or download it again"
+        )
+
+    def take(self, n: int) -> int:
+        """Make the next `n` bytes readable in `buf`; return where they start in it, and step over them."""
         if n > self.end - self.pos:
-            if self.end < self.size:
-                raise self.corrupt(f"more than {MAX_HEADER >> 20} MiB of metadata")
-            raise UserError(
-                f"{self.path}: the GGUF header is truncated",
-                "the file is incomplete; copy or download it again",
-            )
+            raise self.truncated()
+        at = self.pos - self.base
+        if at < 0 or at + n > len(self.buf):
+            try:
+                self.f.seek(self.pos)
+                self.buf = self.f.read(max(n, self.CHUNK))
+            except OSError as e:
+                raise UserError(
+                    f"cannot read the model file {self.path}: {e.strerror}",
+                    "the disk or USB stick may be failing; copy the file again",
+                ) from None
+            self.base, at = self.pos, 0
+            if len(self.buf) < n:  # the file shrank while being read
+                raise self.truncated()
+        self.pos += n
+        return at
 
     def scalar(self, vtype: int) -> Any:
-        n = _SCALAR_SIZE[vtype]
-        self.need(n)
-        v = struct.unpack_from(_SCALARS[vtype], self.buf, self.pos)[0]
-        self.pos += n
-        return v
+        at = self.take(_SCALAR_SIZE[vtype])  # before reading self.buf: take() may refill it
+        return struct.unpack_from(_SCALARS[vtype], self.buf, at)[0]
 
     def u32(self) -> int:
         return int(self.scalar(4))
@@ -354,13 +375,13 @@ class _Reader:
 
     def string(self) -> str:
         n = self.u64()
-        self.need(n)
+        if n > self.end - self.pos:
+            raise self.truncated()
         self.text += n
         if self.text > MAX_TEXT:
             raise self.corrupt(f"more than {MAX_TEXT >> 20} MiB of text")
-        s = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
-        self.pos += n
-        return s
+        at = self.take(n)
+        return self.buf[at : at + n].decode("utf-8", errors="replace")
 
     def array_head(self, depth: int) -> tuple[int, int]:
         if depth >= MAX_NESTING:
@@ -387,10 +408,8 @@ class _Reader:
         if self.kept > MAX_KEPT:
             raise self.corrupt(f"more than {MAX_KEPT} values")
         if itype in _SCALARS:
-            n = count * _SCALAR_SIZE[itype]
-            items = list(struct.unpack_from(f"<{count}{_SCALARS[itype][1]}", self.buf, self.pos))
-            self.pos += n
-            return items
+            at = self.take(count * _SCALAR_SIZE[itype])
+            return list(struct.unpack_from(f"<{count}{_SCALARS[itype][1]}", self.buf, at))
         return [self.value(itype, depth + 1) for _ in range(count)]
 
     def skip(self, itype: int, count: int, depth: int) -> None:
@@ -398,18 +417,12 @@ class _Reader:
         if itype in _SCALARS:
             self.pos += count * _SCALAR_SIZE[itype]
         elif itype == GGUF_STRING:
-            buf, pos, end = self.buf, self.pos, self.end
             for _ in range(count):
-                if pos + 8 > end:
-                    break
-                pos += 8 + int.from_bytes(buf[pos : pos + 8], "little")
-                if pos > end:
-                    break
-            else:
-                self.pos = pos
-                return
-            self.pos = end
-            self.need(1)  # the last string runs past the end: truncated
+                at = self.take(8)
+                n = int.from_bytes(self.buf[at : at + 8], "little")
+                if n > self.end - self.pos:
+                    raise self.truncated()
+                self.pos += n
         else:
             for _ in range(count):
                 sub, n = self.array_head(depth)
@@ -437,12 +450,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
                 f"{p} is not a GGUF model file (it starts with {magic!r})",
                 "llmos-edge loads GGUF files; convert the model with llama.cpp's convert script",
             )
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot map the model file {p}: {e}", "copy it to a local disk") from None
-    with buf:
-        return _parse(_Reader(buf, p, size))
+        return _parse(_Reader(f, p, size))
 
 
 def _parse(r: _Reader) -> GGUFInfo:
@@ -742,6 +750,17 @@ def describe(info: GGUFInfo, features: frozenset[str] | None = None) -> dict[str
             str(ctx): round(estimate_memory(info, ctx, features=features).total / MIB, 1) for ctx in contexts
         },
         "self_test": {
-            k.removeprefix("llmos.self_test."): v for k, v in info.metadata.items() if k.startswith("llmos.self_test.")
+            k.removeprefix("llmos.self_test."): _plain(v)
+            for k, v in info.metadata.items()
+            if k.startswith("llmos.self_test.")
         },
     }
+
+
+def _plain(v: Any) -> Any:
+    """A metadata value as strict JSON can hold it: NaN and infinities as text, a long array as its length."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return int(v) if isinstance(v, _ArrayLen) else v

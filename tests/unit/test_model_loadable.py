@@ -63,7 +63,7 @@ def test_every_vocab_gguf_is_described_and_refused_in_one_sentence() -> None:
         assert (d["architecture"], d["vocab_size"], d["tensors"], d["loadable"]) == (arch, n_vocab, 0, False), p.name
         assert d["refused"] == f"{p.name} holds no weights (a vocab-only GGUF: a tokenizer without a model)"
         assert "512" in d["memory_mib"] and all(v > 0 for v in d["memory_mib"].values()), p.name
-        json.dumps(d)
+        json.dumps(d, allow_nan=False)
         with pytest.raises(UserError) as e:
             check_loadable(info)
         assert e.value.message == d["refused"] and e.value.hint
@@ -123,7 +123,7 @@ def test_every_key_the_estimate_reads_tolerates_any_value(key: str) -> None:
         info = with_weights("llama", meta)
         for ctx in (256, 4096):
             assert estimate_memory(info, ctx, features=NO_REPACK).total > 0
-        json.dumps(describe(info, features=NO_REPACK))
+        json.dumps(describe(info, features=NO_REPACK), allow_nan=False)
         try:
             fit_context(info, 256 * MIB, 2048, features=NO_REPACK)
         except UserError as e:
@@ -133,9 +133,9 @@ def test_every_key_the_estimate_reads_tolerates_any_value(key: str) -> None:
 def test_absurd_sizes_still_make_a_short_sentence() -> None:
     huge = 2**64 - 1
     keys = [k for k in KEYS if k != "attention.sliding_window_pattern"]
-    info = with_weights("llama", {f"llama.{k}": huge for k in keys})
+    info = with_weights("llama", {f"llama.{k}": huge for k in keys} | {"llmos.self_test.answer": float("nan")})
     info.tensors *= 1000
-    json.dumps(describe(info, features=NO_REPACK))
+    json.dumps(describe(info, features=NO_REPACK), allow_nan=False)
     with pytest.raises(UserError) as e:
         fit_context(info, 64 * MIB, 2048, features=NO_REPACK)
     assert len(e.value.message) < 300 and "e+" in e.value.message, e.value.message
