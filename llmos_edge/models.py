@@ -149,8 +149,9 @@ LLAMA_ARCHITECTURES = frozenset(
     qwen3tts pockettts
     """.split()  # noqa: SIM905 (a word list reads better than 153 quoted strings)
 )
-# Of those, the ones that cannot generate text: encoders that make embeddings (llama.cpp loads them and returns
-# vectors), and the parts of multimodal models that are not language models.
+# Of those, the ones the engine cannot generate text with: encoders that make embeddings (llama.cpp loads them and
+# returns vectors), models that need an encoder pass (llama-cpp-python's Llama never calls llama_encode), draft
+# heads for speculative decoding, and the parts of multimodal models that are not language models.
 NON_GENERATIVE = {
     "bert": "an embedding model (an encoder)",
     "modern-bert": "an embedding model (an encoder)",
@@ -163,6 +164,9 @@ NON_GENERATIVE = {
     "gemma-embedding": "an embedding model (an encoder)",
     "llama-embed": "an embedding model",
     "t5encoder": "the encoder half of a T5 model",
+    "t5": "an encoder-decoder model",
+    "eagle3": "a draft head for speculative decoding",
+    "dflash": "a draft head for speculative decoding",
     "clip": "a vision or audio projector (an mmproj file)",
     "wavtokenizer-dec": "an audio decoder",
 }
@@ -539,7 +543,7 @@ def check_loadable(info: GGUFInfo) -> None:
         )
     if arch in NON_GENERATIVE:
         raise UserError(
-            f"{name} is {NON_GENERATIVE[arch]} ({arch}): llama.cpp cannot generate text with it",
+            f"{name} is {NON_GENERATIVE[arch]} ({arch}): the engine cannot generate text with it",
             "use a text-generation model (an instruct or chat GGUF)",
         )
     n_layer = _count(info.arch("block_count"))

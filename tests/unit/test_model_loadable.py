@@ -78,7 +78,8 @@ def test_loadable_architectures_pass_and_others_are_refused_by_name() -> None:
     check_loadable(with_weights("qwen2", {}))
     check_loadable(read_gguf(MODEL))
     for arch, needle in [
-        ("bert", "bert.gguf is an embedding model (an encoder) (bert): llama.cpp cannot generate text with it"),
+        ("bert", "bert.gguf is an embedding model (an encoder) (bert): the engine cannot generate text with it"),
+        ("t5", "an encoder-decoder model"),
         ("nomic-bert", "an embedding model"),
         ("clip", "projector"),
         ("mamba9", "has the architecture 'mamba9', which the bundled llama.cpp does not know"),
