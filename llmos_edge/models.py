@@ -263,7 +263,8 @@ class GGUFInfo:
             return [False] * n_layer
         pattern = self.arch("attention.sliding_window_pattern")
         if isinstance(pattern, list):
-            return [i < len(pattern) and pattern[i] is True for i in range(n_layer)]
+            # booleans (gemma-4's converter) or 0/1 (llama.cpp reads either into a uint32 array)
+            return [i < len(pattern) and (pattern[i] is True or _count(pattern[i]) is not None) for i in range(n_layer)]
         period = _count(pattern) or _SWA_PERIOD.get(self.architecture, 0)
         return [period > 0 and i % period < period - 1 for i in range(n_layer)]
 
