@@ -1,7 +1,7 @@
 """Mutated GGUF headers through the whole path a model file takes before the engine sees it: read_gguf,
 check_loadable, describe (what `llmos model-info` prints, with the memory estimate) and fit_context (the governor's
 pre-flight). Each mutant is described or refused with a UserError of one sentence; anything else fails with the
-mutant's number and mutations, which reproduce it (`mutant(i)`).
+mutant's number and mutations; `mutant(i, seeds())` makes it again.
 
 Seeds: the headers of llama.cpp's 19 vocab-only GGUFs (long arrays cut to 100 items so a mutant is a few KB), the
 same headers with the tensor table of the repo's model grafted on, and the repo's model itself. Tensor data is a

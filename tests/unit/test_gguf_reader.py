@@ -3,6 +3,7 @@ and the same keys and values from llama.cpp's 19 vocab-only GGUFs (LLMOS_VOCAB_D
 
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 from pathlib import Path
@@ -42,6 +43,24 @@ def test_tensor_types_match_gguf_with_block_and_type_sizes() -> None:
     for type_id, (name, block, size) in theirs.items():
         assert GGML_TYPES[type_id] == (name, *NEWER_THAN_GGUF.get(name, (block, size))), name
     assert {k: v[0] for k, v in GGML_TYPES.items() if k not in theirs} == ONLY_IN_GGML
+
+
+def test_tensor_types_match_the_bundled_ggml() -> None:
+    """Every type the engine's own ggml library knows, with its block and type size, asked through ctypes."""
+    import llama_cpp
+
+    assert llama_cpp.__version__ == "0.3.36"  # GGML_TYPE_COUNT below is this version's (ggml.h)
+    ggml_type_count = 43
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_blck_size.restype, lib.ggml_blck_size.argtypes = ctypes.c_int64, [ctypes.c_int]
+    lib.ggml_type_size.restype, lib.ggml_type_size.argtypes = ctypes.c_size_t, [ctypes.c_int]
+    lib.ggml_type_name.restype, lib.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    theirs = {
+        t: (lib.ggml_type_name(t).decode().upper(), lib.ggml_blck_size(t), lib.ggml_type_size(t))
+        for t in range(ggml_type_count)
+        if lib.ggml_blck_size(t) > 0  # removed types have block size 0
+    }
+    assert theirs == GGML_TYPES
 
 
 def test_file_types_match_gguf() -> None:
