@@ -24,6 +24,8 @@ NUMBERS_KEEP = MAX_LAYERS  # numeric arrays up to this long are kept: per-layer 
 MAX_NESTING = 8  # arrays of arrays: the format allows any depth, no writer goes past 2, and recursion must end
 MAX_KEPT = 1 << 18  # values kept from one header; a header that holds more is refused before it costs memory
 MAX_TEXT = 64 << 20  # bytes of strings kept from one header (a chat template is tens of KB)
+MAX_KEYS = 1 << 16  # real headers have tens of keys
+MAX_TENSORS = 1 << 17  # DeepSeek-V3 with its 256 experts' tensors stored one by one has 47k
 MAX_HEADER = 1 << 30  # bytes of metadata and tensor table (a 262k-token vocabulary with its merges takes 16 MB)
 GGML_MAX_NAME = 64  # a tensor's name is shorter than this (ggml.h)
 GGML_MAX_DIMS = 4
@@ -467,8 +469,8 @@ def _parse(r: _Reader) -> GGUFInfo:
     if version not in (2, 3):
         raise UserError(f"{p}: unsupported GGUF version {version}", "use a GGUF v3 file")
     n_tensors, n_kv = r.u64(), r.u64()
-    if n_kv * 13 > r.end - r.pos or n_tensors * 24 > r.end - r.pos:
-        raise r.corrupt(f"{n_kv} keys and {n_tensors} tensors, more than the file holds")
+    if n_kv * 13 > r.end - r.pos or n_tensors * 24 > r.end - r.pos or n_kv > MAX_KEYS or n_tensors > MAX_TENSORS:
+        raise r.corrupt(f"{n_kv} keys and {n_tensors} tensors, more than the file holds or any model has")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = r.string()

@@ -166,3 +166,10 @@ def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path: Path) 
         with pytest.raises(UserError) as e:
             read_gguf(p)
         assert "\n" not in str(e.value) and ("corrupt" in e.value.message or "truncated" in e.value.message)
+    # a million keys or tensors in a file big enough to hold them: refused before any is read
+    for counts in ((0, 1 << 20), (1 << 20, 0)):
+        with p.open("wb") as f:
+            f.write(b"GGUF" + struct.pack("<IQQ", 3, *counts))
+            f.truncate(1 << 30)  # sparse
+        with pytest.raises(UserError, match="more than the file holds or any model has"):
+            read_gguf(p)
