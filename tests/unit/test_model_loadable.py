@@ -161,12 +161,25 @@ def test_kv_cache_uses_head_dims_per_layer_heads_and_sliding_windows() -> None:
         {"llama.embedding_length": 256, "llama.attention.head_count": 4, "llama.attention.head_count_kv": [4, 1]},
     )
     assert per_layer.kv_cache_bytes(512) == (4 + 1) * 64 * 2 * 512 * 2
-    # gemma-4's header: 30 layers, every sixth attends to the whole context with 512-wide heads, the others to a
-    # 1024-token window with 256-wide heads; at 8192 the window layers hold 1024 + 512 cells
+    # gemma-4's header: 30 layers, every sixth attends to the whole context with 2 KV heads of 512, the others to a
+    # 1024-token window with 8 KV heads of 256. The engine keeps llama.cpp's full-size window caches (swa_full)...
     gemma4 = read_gguf(next(p for p in vocab_files() if p.name == "ggml-vocab-gemma-4.gguf"))
     full = 5 * 2 * (2 * 512) * 8192
-    window = 25 * 8 * (2 * 256) * 1536
-    assert gemma4.kv_cache_bytes(8192) == (full + window) * 2
+    assert gemma4.kv_cache_bytes(8192) == (full + 25 * 8 * (2 * 256) * 8192) * 2
+    # ...without them, the window layers hold 1024 + 512 cells
+    assert gemma4.kv_cache_bytes(8192, swa_full=False) == (full + 25 * 8 * (2 * 256) * 1536) * 2
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_kv_cache_matches_llama_cpp_for_head_dims_unlike_n_embd_over_n_head(arch: str) -> None:
+    """llama.cpp's "KV buffer size" lines for random-weight 7-layer models (n_embd 128, 4 heads of 64, 2 KV heads;
+    gemma3 with a 128-token window on 6 of its 7 layers), loaded by llama-cpp-python 0.3.36 as the engine loads:
+    1.75 MiB at 512 and 7.00 MiB at 2048 for both (n_embd / n_head would give half)."""
+    extra = {"attention.sliding_window": 128} if arch == "gemma3" else {}
+    keys = {"embedding_length": 128, "attention.head_count": 4, "attention.head_count_kv": 2} | extra
+    keys |= {"attention.key_length": 64, "attention.value_length": 64, "block_count": 7}
+    info = with_weights(arch, {f"{arch}.{k}": v for k, v in keys.items()})
+    assert (info.kv_cache_bytes(512) / MIB, info.kv_cache_bytes(2048) / MIB) == (1.75, 7.0)
 
 
 def test_model_info_describes_a_vocab_gguf_and_refuses_a_broken_file_in_two_lines(
