@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from gguf import GGUFReader
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from llmos_edge.errors import UserError
 from llmos_edge.models import (
@@ -19,6 +19,8 @@ from llmos_edge.models import (
     FILE_TYPES,
     GGML_TYPES,
     GGUF_VALUE_TYPES,
+    LLAMA_ARCHITECTURES,
+    NON_GENERATIVE,
     NUMBERS_KEEP,
     _ArrayLen,
     read_gguf,
@@ -69,6 +71,12 @@ def test_file_types_match_gguf() -> None:
     }
     assert {k: v for k, v in FILE_TYPES.items() if k in theirs} == theirs
     assert {k: v for k, v in FILE_TYPES.items() if k not in theirs} == ONLY_IN_LLAMA_FTYPE
+
+
+def test_architectures_include_every_one_gguf_names() -> None:
+    """The list is llama-arch.cpp's of the pinned llama.cpp, which is newer than gguf 0.19.0: a superset of its."""
+    assert set(MODEL_ARCH_NAMES.values()) <= LLAMA_ARCHITECTURES
+    assert set(NON_GENERATIVE) <= LLAMA_ARCHITECTURES
 
 
 def _same(ours: Any, theirs: Any) -> bool:
