@@ -136,22 +136,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from llmos_edge.models import read_gguf
+    from llmos_edge.models import describe, read_gguf
 
-    info = read_gguf(args.path)
-    out = {
-        "path": str(info.path),
-        "name": info.name,
-        "architecture": info.architecture,
-        "quantization": info.quantization,
-        "parameters": info.n_params,
-        "file_bytes": info.file_size,
-        "context_trained": info.arch("context_length"),
-        "self_test": {
-            k.removeprefix("llmos.self_test."): v for k, v in info.metadata.items() if k.startswith("llmos.self_test.")
-        },
-    }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(describe(read_gguf(args.path)), indent=2, allow_nan=False))
     return 0
 
 
@@ -282,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
     md.set_defaults(func=cmd_model)
 
-    m = sub.add_parser("model-info", help="read a GGUF file's header: name, quantization, parameters")
+    m = sub.add_parser("model-info", help="a GGUF file's header as JSON, with a memory estimate")
     m.add_argument("path", metavar="MODEL.gguf")
     m.set_defaults(func=cmd_model_info)
 
