@@ -82,7 +82,10 @@ class EngineInfo:
 
 
 STREAM_INTERVAL = 0.02  # seconds between token messages while a generation streams
-PREFILL_CHUNK = 256  # prompt tokens evaluated between two progress messages (longer prompts only)
+PREFILL_MIN = 256  # prompts longer than this are read in chunks (shorter ones exactly as before, in one batch)
+PREFILL_FIRST = 32  # the first chunk, small enough for the slowest board; later ones sized by its speed
+PREFILL_REPORT_S = 0.25  # about how long one chunk takes (well inside the shortest progress_timeout, 1 s)
+N_BATCH = 512  # llama-cpp-python's n_batch: a chunk is never larger than what it would evaluate at once
 
 
 def default_threads() -> int:
@@ -325,15 +328,21 @@ class _Worker:
     def _prefill(self, job: _Job) -> bool:
         """A long prompt is evaluated in chunks with a progress message after each: prefill is progress, so a prompt
         that takes longer than `progress_timeout` to read is not killed as hung (and can be cancelled meanwhile).
-        generate() then finds the prompt in the KV cache and evaluates only its last token. Returns True when the
-        request was cancelled during the prefill."""
+        Chunks are sized to take about PREFILL_REPORT_S each on this machine (small on a slow board, up to
+        llama.cpp's own batch on a fast one). generate() then finds the prompt in the KV cache and evaluates only
+        its last token. Returns True when the request was cancelled during the prefill."""
         head = job.tokens[:-1]
-        if len(head) <= PREFILL_CHUNK:
+        if len(head) <= PREFILL_MIN:
             return False  # short prompts (nearly all) are evaluated by generate() in one batch, as before
         self.llm.reset()  # type: ignore[no-untyped-call]
-        for i in range(0, len(head), PREFILL_CHUNK):
-            self.llm.eval(head[i : i + PREFILL_CHUNK])
-            self.conn.send(("progress", job.rid, min(i + PREFILL_CHUNK, len(head))))
+        i, n = 0, PREFILL_FIRST
+        while i < len(head):
+            t0 = time.perf_counter()
+            self.llm.eval(head[i : i + n])
+            i += len(head[i : i + n])
+            per_token = (time.perf_counter() - t0) / n
+            n = max(PREFILL_FIRST, min(N_BATCH, int(PREFILL_REPORT_S / max(per_token, 1e-6))))
+            self.conn.send(("progress", job.rid, i))
             control = self._control(job.rid)
             if control == "cancel":
                 return True
