@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "image"))
 
-import vm  # noqa: E402
+import vm
 
 
 class SlowConsole(threading.Thread):
