@@ -10,9 +10,10 @@ With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in 
 stick on an xHCI controller; the guest mounts it at /media/<its label>.
 
 When standard input is not a terminal, `run` plays it as a script instead of handing over the console: it waits
-for the product's prompt, types one line at a time (the next only once the previous answer's prompt is back, so
-nothing is lost while the guest boots or answers), copies the console to standard output, and at the end of the
-script presses the ACPI power button and waits for a clean power-off. That is how CI runs `make run`.
+for the product's prompt and for the model (`/status` until `state: ready`), types one line at a time (the next
+only once the previous answer's prompt is back, so nothing is lost while the guest boots or answers), copies the
+console to standard output, and at the end of the script presses the ACPI power button and waits for a clean
+power-off. That is how CI runs `make run`.
 
   vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot] [--sound none]
             [--usb-stick stick.raw]
@@ -27,6 +28,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +46,9 @@ FIRMWARE_DIRS = [Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/sh
 FIRMWARE_PAIRS = [("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")]
 PROMPT = b"llmos> "  # the product's console prompt (llmos_edge/console.py)
 ANSWER_END = b"\r\n" + PROMPT  # every answer, command output or empty line ends with a fresh prompt
+# /status's first line once the model answers (degraded: it runs, but its self-test answer was wrong)
+ANSWERING = re.compile(rb"^state: (ready|degraded)\b", re.M)
+STATE = re.compile(rb"^state: .*?$", re.M)
 
 
 class VMError(Exception):
@@ -135,9 +140,11 @@ def sound_card(audiodev: str) -> list[str]:
 
 def usb_stick(image: Path) -> list[str]:
     """An xHCI controller with a USB mass-storage device on it: the guest sees a removable SCSI disk (sda) through
-    xhci_hcd and usb-storage, as it would a real stick. Read-only, so one image serves any number of boots."""
+    xhci_hcd and usb-storage, as it would a real stick. Read-only, so one image serves any number of boots. The
+    controller sits in a PCI slot after the boot disk's: the firmware numbers boot options in slot order and would
+    otherwise try the stick first (and print its failure on the product's console)."""
     return [
-        "-device", "qemu-xhci,id=xhci",
+        "-device", "qemu-xhci,id=xhci,addr=0x10",
         "-drive", f"if=none,id=stick,format=raw,readonly=on,file={image}",
         "-device", "usb-storage,bus=xhci.0,drive=stick,removable=on",
     ]  # fmt: skip
@@ -323,22 +330,47 @@ class ConsoleScript:
         self.out.flush()
         return True
 
-    def wait_for(self, marker: bytes, timeout: float, what: str) -> None:
+    def wait_for(self, marker: bytes, timeout: float, what: str) -> bytes:
+        """Read until `marker`; returns what came before it."""
         deadline = time.monotonic() + timeout
         while marker not in self.buf:
             if time.monotonic() > deadline:
                 raise ScriptError(f"no {what} within {timeout:.0f} s")
             if not self._fill(deadline):
                 raise ScriptError(f"the console closed (QEMU exited) before the {what}")
-        del self.buf[: self.buf.index(marker) + len(marker)]
+        end = self.buf.index(marker)
+        before = bytes(self.buf[:end])
+        del self.buf[: end + len(marker)]
+        return before
 
     def send(self, line: str) -> None:
         self.buf.clear()  # output from before the line was typed cannot be its answer
         self.sock.sendall(line.encode() + b"\r")
 
-    def play(self, lines: Iterator[str], boot_timeout: float, answer_timeout: float) -> int:
-        """Wait for the first prompt, then type each line and wait for its answer. Returns the number of lines."""
+    def wait_answering(self, timeout: float, answer_timeout: float, poll_s: float = 5.0) -> None:
+        """The prompt comes up while the model still loads, and a question typed then fails: ask /status, as a
+        person would, until the model answers (README: "questions are answered once it says ready")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.send("/status")
+            text = self.wait_for(ANSWER_END, answer_timeout, "answer to '/status'")
+            if ANSWERING.search(text):
+                return
+            if time.monotonic() > deadline:
+                state = STATE.search(text)
+                said = state.group(0).decode(errors="replace").strip() if state else "no state line"
+                raise ScriptError(f"the model did not come up within {timeout:.0f} s (/status: {said})")
+            until = min(deadline, time.monotonic() + poll_s)
+            while time.monotonic() < until:
+                if not self._fill(until):
+                    raise ScriptError("the console closed (QEMU exited) while the model was loading")
+
+    def play(self, lines: Iterator[str], boot_timeout: float, answer_timeout: float, poll_s: float = 5.0) -> int:
+        """Wait for the first prompt and for the model, then type each line and wait for its answer. Returns the
+        number of lines."""
+        start = time.monotonic()
         self.wait_for(PROMPT, boot_timeout, f"{PROMPT.decode()!r} prompt")
+        self.wait_answering(boot_timeout - (time.monotonic() - start), answer_timeout, poll_s)
         n = 0
         for line in lines:
             self.send(line)

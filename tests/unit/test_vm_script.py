@@ -21,11 +21,14 @@ class SlowConsole(threading.Thread):
     """Boots for a while (printing firmware noise), shows the prompt, then answers each line slowly, in pieces.
     Records every byte that arrived while it was not at a prompt: a script must not type then."""
 
-    def __init__(self, sock: socket.socket, answers: dict[str, str], boot_s: float = 0.3) -> None:
+    def __init__(
+        self, sock: socket.socket, answers: dict[str, str | None], boot_s: float = 0.3, loading: int = 2
+    ) -> None:
         super().__init__(daemon=True)
         self.sock = sock
         self.answers = answers
         self.boot_s = boot_s
+        self.loading = loading  # /status says `state: starting` this many times, then `state: ready`
         self.lines: list[str] = []
         self.typed_while_busy = b""
 
@@ -56,23 +59,31 @@ class SlowConsole(threading.Thread):
             text, line = line.decode(), b""
             self.lines.append(text)
             self.sock.sendall(b"\r\n")
-            for piece in self.answers.get(text, "error: unknown").split(" "):
+            if text == "/status":
+                self.loading -= 1
+                answer = "state: starting" if self.loading >= 0 else "state: ready"
+            else:
+                answer = self.answers.get(text, "error: unknown")
+            if answer is None:  # hangs: no answer, no prompt
+                continue
+            for piece in answer.split(" "):
                 self.sock.sendall(piece.encode() + b" ")
                 self._busy(0.05)
             self.sock.sendall(b"\r\nllmos> ")
 
 
-def test_each_line_is_typed_only_at_a_prompt_and_everything_is_copied_out() -> None:
+def test_each_line_is_typed_at_a_prompt_once_the_model_answers_and_everything_is_copied_out() -> None:
     host, guest = socket.socketpair()
-    console = SlowConsole(guest, {"ping": "pong", "/status": "state: ready model: default"})
+    console = SlowConsole(guest, {"ping": "pong"}, loading=2)
     console.start()
     out = io.BytesIO()
-    n = vm.ConsoleScript(host, out).play(iter(["ping", "/status", "ping"]), boot_timeout=10, answer_timeout=10)
+    script = vm.ConsoleScript(host, out)
+    n = script.play(iter(["ping", "/help", "ping"]), boot_timeout=30, answer_timeout=10, poll_s=0.1)
     assert n == 3
-    assert console.lines == ["ping", "/status", "ping"]
+    assert console.lines == ["/status", "/status", "/status", "ping", "/help", "ping"]
     assert console.typed_while_busy == b""
     text = out.getvalue().decode()
-    assert text.startswith("BdsDxe") and text.count("pong") == 2 and "state: ready model: default" in text
+    assert text.startswith("BdsDxe") and text.count("pong") == 2 and text.count("state: starting") == 2
     host.close()  # the console sees the end of the stream and stops
     console.join(5)
     guest.close()
@@ -89,10 +100,23 @@ def test_no_prompt_ends_the_script_with_one_line_saying_so() -> None:
 
 def test_an_answer_that_never_ends_is_reported() -> None:
     host, guest = socket.socketpair()
-    guest.sendall(b"llmos> ")
+    console = SlowConsole(guest, {"ping": None}, boot_s=0, loading=0)
+    console.start()
     with pytest.raises(vm.ScriptError, match=r"^no answer to 'ping' within 0 s$"):
         vm.ConsoleScript(host, io.BytesIO()).play(iter(["ping"]), boot_timeout=5, answer_timeout=0.3)
     host.close()
+    console.join(5)
+    guest.close()
+
+
+def test_a_model_that_never_comes_up_is_reported_with_its_state() -> None:
+    host, guest = socket.socketpair()
+    console = SlowConsole(guest, {}, boot_s=0, loading=1000)
+    console.start()
+    with pytest.raises(vm.ScriptError, match=r"^the model did not come up within 1 s \(/status: state: starting\)$"):
+        vm.ConsoleScript(host, io.BytesIO()).play(iter(["ping"]), boot_timeout=1, answer_timeout=5, poll_s=0.1)
+    host.close()
+    console.join(5)
     guest.close()
 
 
