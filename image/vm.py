@@ -140,11 +140,9 @@ def sound_card(audiodev: str) -> list[str]:
 
 def usb_stick(image: Path) -> list[str]:
     """An xHCI controller with a USB mass-storage device on it: the guest sees a removable SCSI disk (sda) through
-    xhci_hcd and usb-storage, as it would a real stick. Read-only, so one image serves any number of boots. The
-    controller sits in a PCI slot after the boot disk's: the firmware numbers boot options in slot order and would
-    otherwise try the stick first (and print its failure on the product's console)."""
+    xhci_hcd and usb-storage, as it would a real stick. Read-only, so one image serves any number of boots."""
     return [
-        "-device", "qemu-xhci,id=xhci,addr=0x10",
+        "-device", "qemu-xhci,id=xhci",
         "-drive", f"if=none,id=stick,format=raw,readonly=on,file={image}",
         "-device", "usb-storage,bus=xhci.0,drive=stick,removable=on",
     ]  # fmt: skip
@@ -159,9 +157,9 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
     accel = cfg.accel or ("kvm" if kvm_usable() else "tcg")
     cpu = cfg.cpu or ("host" if accel == "kvm" else "max")
     drive = (
-        f"file={cfg.image},format=raw,if=virtio,cache=unsafe"
+        f"file={cfg.image},format=raw,if=none,id=disk,cache=unsafe"
         if cfg.snapshot
-        else (f"file={cfg.image},format=raw,if=virtio,cache=writeback")
+        else (f"file={cfg.image},format=raw,if=none,id=disk,cache=writeback")
     )
     if cfg.snapshot:
         drive += ",snapshot=on"
@@ -178,6 +176,9 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
         "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
         "-drive", f"if=pflash,format=raw,file={vars_file}",
         "-drive", drive,
+        # bootindex: the firmware boots the disk first; without one it tries removable media (a USB stick) first
+        # and prints the failure on the product's console.
+        "-device", "virtio-blk-pci,drive=disk,bootindex=0",
         # The guest's Python needs entropy early; without a source it can wait at boot under TCG.
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
