@@ -25,7 +25,8 @@ HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git esp
 .PHONY: help deps host-deps wheel vocab venv lint typecheck unit integration test test-voice run-host docs clean
 
 help:
-	@echo "make run     build what is missing, then boot the image in QEMU, console on this terminal"
+	@echo "make run     install and build what is missing, then boot the image in QEMU, console on this terminal"
+	@echo "             (stdin not a terminal: its lines are typed at the prompt one by one, then the VM powers off)"
 	@echo "make run-host  the supervisor on this machine, console on this terminal"
 	@echo "make test    everything: lint, types, unit, host integration, image tests"
 	@echo "make image   the flashable disk image; make flash DEVICE=/dev/sdX writes it"

@@ -2,9 +2,12 @@
 # PYTHON, VENV, PY).
 #   make image-deps            host tools (mkosi 24, systemd 254, QEMU, OVMF, erofs-utils, bmaptool), idempotent
 #   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
-#   make run [CPU=Nehalem] [SOUND=none|alsa]
-#                              boot a copy of it in QEMU, serial console on this terminal (Ctrl-A X quits); SOUND
-#                              adds a sound card (silent, or this host's ALSA devices) for the voice front-end
+#   make run [CPU=Nehalem] [SOUND=none|alsa] [STICK=stick.raw]
+#                              install what is missing (make deps), then boot a copy of it in QEMU, serial console
+#                              on this terminal (Ctrl-A X quits); SOUND adds a sound card (silent, or this host's
+#                              ALSA devices) for the voice front-end; STICK plugs in a USB stick image (see
+#                              image/usbstick.py). With standard input not a terminal, the input is typed into the
+#                              console as a script, a line per prompt, and the VM powers off at its end (CI does so)
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
 
@@ -22,6 +25,7 @@ IMAGE_SOURCES := mkosi.conf $(shell find image/repart rootfs-overlay -type f 2>/
 CPU ?=
 MEM ?= 1024
 SOUND ?=
+STICK ?=
 
 .PHONY: image-deps image-wheels image image-xz run flash image-test
 
@@ -135,8 +139,11 @@ $(RUN_DISK): $(IMAGE)
 	cp --sparse=always $(IMAGE) $@
 	truncate -s $(RUN_DISK_SIZE) $@
 
-run: $(RUN_DISK)
-	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND))
+# README's first command on a fresh machine: `deps` first (host packages, image tools, the wheel, the venv), so the
+# image build below never meets a missing tool.
+run: deps $(RUN_DISK)
+	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND)) \
+	  $(if $(STICK),--usb-stick $(STICK))
 
 flash: $(IMAGE)
 	@test -n "$(DEVICE)" || { echo "flash: say where: make flash DEVICE=/dev/sdX" \

@@ -6,8 +6,18 @@ terminal or on a TCP socket that waits for its client (so a test loses no byte o
 a probe shows it can run a guest; otherwise software emulation (TCG) with `-cpu max`. Without --sound the machine
 has no sound card (the appliance then says `voice: no microphone`); with it, an Intel HD Audio card whose line-in
 and line-out go to a QEMU audio backend: `none` (silence in, nothing out) or `alsa` (this host's default devices).
+With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in as a read-only USB mass-storage
+stick on an xHCI controller; the guest mounts it at /media/<its label>.
+
+When standard input is not a terminal, `run` plays it as a script instead of handing over the console: it waits
+for the product's prompt and for the model (`/status` until `state: ready`), types one line at a time (the next
+only once the previous answer's prompt is back, so nothing is lost while the guest boots or answers), copies the
+console to standard output, and at the end of the script presses the ACPI power button and waits for a clean
+power-off. That is how CI runs `make run`.
 
   vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot] [--sound none]
+            [--usb-stick stick.raw]
+  printf 'ping\n/status\n' | vm.py run --image build/image/llmos-edge.raw
   vm.py probe-kvm
 """
 
@@ -15,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,12 +36,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 QEMU = "qemu-system-x86_64"
 FIRMWARE_DIRS = [Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/share/qemu")]
 FIRMWARE_PAIRS = [("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")]
+PROMPT = b"llmos> "  # the product's console prompt (llmos_edge/console.py)
+ANSWER_END = b"\r\n" + PROMPT  # every answer, command output or empty line ends with a fresh prompt
+# /status's first line once the model answers (degraded: it runs, but its self-test answer was wrong)
+ANSWERING = re.compile(rb"^state: (ready|degraded)\b", re.M)
+STATE = re.compile(rb"^state: .*?$", re.M)
 
 
 class VMError(Exception):
@@ -105,6 +124,7 @@ class VMConfig:
     # QEMU -audiodev backend (and its options) of an emulated sound card, e.g. "none" or "alsa,in.dev=mic";
     # empty: no sound card
     sound: str = ""
+    usb_stick: Path | None = None  # a raw disk image, plugged in as a read-only USB stick
     extra: list[str] = field(default_factory=list)
 
 
@@ -118,16 +138,28 @@ def sound_card(audiodev: str) -> list[str]:
     ]  # fmt: skip
 
 
+def usb_stick(image: Path) -> list[str]:
+    """An xHCI controller with a USB mass-storage device on it: the guest sees a removable SCSI disk (sda) through
+    xhci_hcd and usb-storage, as it would a real stick. Read-only, so one image serves any number of boots."""
+    return [
+        "-device", "qemu-xhci,id=xhci",
+        "-drive", f"if=none,id=stick,format=raw,readonly=on,file={image}",
+        "-device", "usb-storage,bus=xhci.0,drive=stick,removable=on",
+    ]  # fmt: skip
+
+
 def command(cfg: VMConfig, vars_file: Path) -> list[str]:
     if not cfg.image.is_file():
         raise VMError(f"no image at {cfg.image}", "build it first: make image")
+    if cfg.usb_stick is not None and not cfg.usb_stick.is_file():
+        raise VMError(f"no USB stick image at {cfg.usb_stick}", "make one with image/usbstick.py")
     code, _ = find_firmware()
     accel = cfg.accel or ("kvm" if kvm_usable() else "tcg")
     cpu = cfg.cpu or ("host" if accel == "kvm" else "max")
     drive = (
-        f"file={cfg.image},format=raw,if=virtio,cache=unsafe"
+        f"file={cfg.image},format=raw,if=none,id=disk,cache=unsafe"
         if cfg.snapshot
-        else (f"file={cfg.image},format=raw,if=virtio,cache=writeback")
+        else (f"file={cfg.image},format=raw,if=none,id=disk,cache=writeback")
     )
     if cfg.snapshot:
         drive += ",snapshot=on"
@@ -144,6 +176,9 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
         "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
         "-drive", f"if=pflash,format=raw,file={vars_file}",
         "-drive", drive,
+        # bootindex: the firmware boots the disk first; without one it tries removable media (a USB stick) first
+        # and prints the failure on the product's console.
+        "-device", "virtio-blk-pci,drive=disk,bootindex=0",
         # The guest's Python needs entropy early; without a source it can wait at boot under TCG.
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
@@ -158,6 +193,8 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
         cmd += ["-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
     if cfg.sound:
         cmd += sound_card(cfg.sound)
+    if cfg.usb_stick is not None:
+        cmd += usb_stick(cfg.usb_stick)
     return cmd + cfg.extra
 
 
@@ -236,22 +273,175 @@ class VM:
         self.close()
 
 
-def run(cfg: VMConfig) -> int:
-    vm = VM(cfg)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def announce(vm: VM, where: str) -> None:
+    cfg = vm.cfg
     accel = vm.cmd[vm.cmd.index("-accel") + 1]
     cpu = vm.cmd[vm.cmd.index("-cpu") + 1]
     card = f", sound card on -audiodev {cfg.sound}" if cfg.sound else ""
-    print(f"== booting {cfg.image} in QEMU ({accel}, -cpu {cpu}, {cfg.mem_mib} MiB{card}); ", end="", file=sys.stderr)
+    stick = f", USB stick {cfg.usb_stick}" if cfg.usb_stick else ""
+    what = f"{accel}, -cpu {cpu}, {cfg.mem_mib} MiB{card}{stick}"
+    print(f"== booting {cfg.image} in QEMU ({what}); {where}", file=sys.stderr)
+    if accel == "tcg":
+        print("   software emulation: the prompt takes about 2-3 minutes", file=sys.stderr)
+
+
+def run(cfg: VMConfig) -> int:
+    vm = VM(cfg)
     if cfg.serial_port:
-        print(f"serial console on 127.0.0.1:{cfg.serial_port} (QEMU waits for a client)", file=sys.stderr)
+        announce(vm, f"serial console on 127.0.0.1:{cfg.serial_port} (QEMU waits for a client)")
     else:
-        print("serial console below. Ctrl-A X quits, Ctrl-A C is QEMU's monitor.", file=sys.stderr)
-        if accel == "tcg":
-            print("   software emulation: the prompt takes about 2-3 minutes", file=sys.stderr)
+        announce(vm, "serial console below. Ctrl-A X quits, Ctrl-A C is QEMU's monitor.")
     try:
         return subprocess.call(vm.cmd)
     finally:
         vm.close()
+
+
+class ScriptError(Exception):
+    """Why a scripted run failed, in one line."""
+
+
+class ConsoleScript:
+    """Types a script into the product's console (a socket to the VM's serial port) and copies everything the
+    console prints to `out`. A line is sent only once the prompt that ends the previous answer has come back: the
+    console reads nothing while it boots or streams an answer, so typed-ahead text would be dropped or refused."""
+
+    def __init__(self, sock: socket.socket, out: BinaryIO) -> None:
+        self.sock = sock
+        self.out = out
+        self.buf = bytearray()
+
+    def _fill(self, deadline: float) -> bool:
+        """Read what arrives before `deadline`; False at end of stream (QEMU has exited)."""
+        self.sock.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return True
+        if not data:
+            return False
+        self.buf += data
+        self.out.write(data)
+        self.out.flush()
+        return True
+
+    def wait_for(self, marker: bytes, timeout: float, what: str) -> bytes:
+        """Read until `marker`; returns what came before it."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.buf:
+            if time.monotonic() > deadline:
+                raise ScriptError(f"no {what} within {timeout:.0f} s")
+            if not self._fill(deadline):
+                raise ScriptError(f"the console closed (QEMU exited) before the {what}")
+        end = self.buf.index(marker)
+        before = bytes(self.buf[:end])
+        del self.buf[: end + len(marker)]
+        return before
+
+    def send(self, line: str) -> None:
+        self.buf.clear()  # output from before the line was typed cannot be its answer
+        self.sock.sendall(line.encode() + b"\r")
+
+    def wait_answering(self, timeout: float, answer_timeout: float, poll_s: float = 5.0) -> None:
+        """The prompt comes up while the model still loads, and a question typed then fails: ask /status, as a
+        person would, until the model answers (README: "questions are answered once it says ready")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.send("/status")
+            text = self.wait_for(ANSWER_END, answer_timeout, "answer to '/status'")
+            if ANSWERING.search(text):
+                return
+            if time.monotonic() > deadline:
+                state = STATE.search(text)
+                said = state.group(0).decode(errors="replace").strip() if state else "no state line"
+                raise ScriptError(f"the model did not come up within {timeout:.0f} s (/status: {said})")
+            until = min(deadline, time.monotonic() + poll_s)
+            while time.monotonic() < until:
+                if not self._fill(until):
+                    raise ScriptError("the console closed (QEMU exited) while the model was loading")
+
+    def play(self, lines: Iterator[str], boot_timeout: float, answer_timeout: float, poll_s: float = 5.0) -> int:
+        """Wait for the first prompt and for the model, then type each line and wait for its answer. Returns the
+        number of lines."""
+        start = time.monotonic()
+        self.wait_for(PROMPT, boot_timeout, f"{PROMPT.decode()!r} prompt")
+        self.wait_answering(boot_timeout - (time.monotonic() - start), answer_timeout, poll_s)
+        n = 0
+        for line in lines:
+            self.send(line)
+            self.wait_for(ANSWER_END, answer_timeout, f"answer to {line!r}")
+            n += 1
+        return n
+
+    def drain(self, timeout: float) -> None:
+        """Copy the console's last output until QEMU closes it or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._fill(deadline):
+            pass
+
+
+def script_lines(stream: BinaryIO | None) -> Iterator[str]:
+    """The script's lines, read one at a time as they are needed (the script may be a pipe still being written)."""
+    if stream is None:
+        return
+    for raw in stream:
+        yield raw.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def connect_serial(vm: VM, timeout: float = 30) -> socket.socket:
+    """QEMU listens on the serial socket a moment after it starts (and runs the guest only once we are there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", vm.cfg.serial_port), timeout=5)
+        except OSError:
+            if vm.proc is not None and vm.proc.poll() is not None:
+                raise ScriptError(f"QEMU exited with status {vm.proc.returncode} before the console opened") from None
+            if time.monotonic() > deadline:
+                raise ScriptError(f"QEMU's serial socket did not open within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def run_script(
+    cfg: VMConfig,
+    lines: Iterator[str],
+    out: BinaryIO,
+    boot_timeout: float = 900,
+    answer_timeout: float = 600,
+    shutdown_timeout: float = 180,
+) -> int:
+    """Boot, play the script on the console, then power off cleanly (ACPI, through QMP; SIGKILL by PID if the
+    guest has not powered off within `shutdown_timeout`). 0 when every line was answered, 1 with a reason if not."""
+    with tempfile.TemporaryDirectory(prefix="llmos-script-") as tmp:
+        cfg = dataclasses.replace(cfg, serial_port=free_port(), qmp_socket=Path(tmp) / "qmp")
+        log = Path(tmp) / "qemu.log"
+        with VM(cfg, log_path=log) as vm:
+            announce(vm, "standard input is not a terminal: playing it on the console as a script")
+            vm.start()
+            try:
+                with connect_serial(vm) as sock:
+                    script = ConsoleScript(sock, out)
+                    n = script.play(lines, boot_timeout, answer_timeout)
+                    print(f"\n== script done ({n} lines); powering off", file=sys.stderr)
+                    vm.powerdown()
+                    deadline = time.monotonic() + shutdown_timeout
+                    script.drain(shutdown_timeout)
+                    try:
+                        vm.wait(max(1.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        print(f"vm: no clean power-off within {shutdown_timeout:.0f} s; killed QEMU", file=sys.stderr)
+            except (ScriptError, VMError, OSError) as e:
+                qemu = log.read_text(errors="replace").strip().splitlines()
+                said = f" (QEMU: {qemu[-1]})" if qemu else ""
+                print(f"\nvm: {e}{said}", file=sys.stderr)
+                return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +461,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BACKEND",
         help="add a sound card whose audio goes to this QEMU -audiodev backend: none (silence) or alsa (this host)",
     )
+    r.add_argument("--usb-stick", type=Path, help="plug in this raw disk image as a read-only USB stick")
+    r.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=900,
+        help="scripted run (standard input not a terminal): seconds to wait for the first prompt",
+    )
+    r.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=600,
+        help="scripted run: seconds to wait for each line's answer",
+    )
     sub.add_parser("probe-kvm", help="say whether KVM can run guests here")
     args = parser.parse_args(argv)
     try:
@@ -287,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
             snapshot=args.snapshot,
             accel=args.accel,
             sound=args.sound,
+            usb_stick=args.usb_stick,
         )
+        if not args.serial_port and not (sys.stdin is not None and sys.stdin.isatty()):
+            stdin = sys.stdin.buffer if sys.stdin is not None else None
+            return run_script(cfg, script_lines(stdin), sys.stdout.buffer, args.boot_timeout, args.answer_timeout)
         return run(cfg)
     except VMError as e:
         print(f"vm: {e}", file=sys.stderr)

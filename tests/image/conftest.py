@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import serial
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "image"))
 
+import usbstick  # noqa: E402
 import vm as vmlib  # noqa: E402
 
 PROMPT = b"llmos> "
@@ -139,12 +139,6 @@ def connect(url: str, log_path: Path, timeout: float = 30) -> Console:
             time.sleep(0.2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- booting -----------------------------------------------------------------------------------------------
 @dataclass
 class Boot:
@@ -177,12 +171,14 @@ def boot(
     cpu: str = "",
     snapshot: bool = False,
     sound: str = "",
+    usb_stick: Path | None = None,
     extra: list[str] | None = None,
 ) -> Boot:
     """Boot `disk` and wait until the device is ready. `sound`: a QEMU -audiodev backend for an emulated sound card
-    (see image/vm.py); empty, the default, boots without one."""
+    (see image/vm.py); empty, the default, boots without one. `usb_stick`: a raw image (see models_stick) plugged in
+    as a read-only USB stick."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = vmlib.free_port()
     qmp = ARTIFACTS / f"{name}.qmp"
     qmp.unlink(missing_ok=True)
     cfg = vmlib.VMConfig(
@@ -192,6 +188,7 @@ def boot(
         snapshot=snapshot,
         qmp_socket=qmp,
         sound=sound,
+        usb_stick=usb_stick,
         extra=list(extra or []),
     )
     vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")
@@ -237,9 +234,27 @@ def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
+# A model whose gate fails: its sidecar of golden prompts expects an answer the model never gives.
+BAD_GOLDEN = b'{"prompt": "ping", "answer": "this is not the answer"}\n'
+
+
+@pytest.fixture(scope="session")
+def models_stick(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FAT "USB stick" labelled MODELS (the guest mounts it at /media/MODELS) with two of the project's tiny
+    models: good.gguf passes its gate (the GGUF's own ping -> pong self-test), bad.gguf is a different file that
+    fails the golden prompt of its sidecar bad.golden.jsonl."""
+    good, bad = ROOT / "model" / "llmos-tiny-q4_k_m.gguf", ROOT / "model" / "llmos-tiny-q8_0.gguf"
+    for path in (good, bad):
+        if not path.exists():
+            pytest.fail(f"{path} is missing (it is part of the repository; git checkout it)")
+    out = tmp_path_factory.mktemp("stick") / "models.raw"
+    return usbstick.make_stick(out, {"good.gguf": good, "bad.gguf": bad, "bad.golden.jsonl": BAD_GOLDEN})
+
+
 @pytest.fixture(scope="module")
-def device(disk: Path, serial_url: str) -> Iterator[Boot]:
-    """The first boot of the test disk (or a real device's console), at its first prompt."""
+def device(disk: Path, serial_url: str, models_stick: Path) -> Iterator[Boot]:
+    """The first boot of the test disk (or a real device's console), at its first prompt; the models stick is
+    plugged in (a real device: plug in such a stick yourself, made with image/usbstick.py)."""
     if serial_url:
         start = time.monotonic()
         console = connect(serial_url, ARTIFACTS / "device.serial.log")
@@ -249,7 +264,7 @@ def device(disk: Path, serial_url: str) -> Iterator[Boot]:
         yield Boot(None, console, time.monotonic() - start, 0.0, status)
         console.close()
         return
-    b = boot(disk, "first-boot")
+    b = boot(disk, "first-boot", usb_stick=models_stick)
     measure("boot_wall_s_to_prompt_first", round(b.prompt_s, 1))
     measure("boot_wall_s_to_ready_first", round(b.wall_s, 1))
     yield b

@@ -1,8 +1,9 @@
 """The appliance image, booted in QEMU and driven over its serial console like a person at a terminal.
 
 The tests share boots (each costs 1-2 minutes under software emulation) and run in file order: first boot and
-questions (a machine without a sound card), then a power cut while an answer streams, a second boot, a clean
-shutdown, and checks of the disk from the host; last, another machine: a CPU without AVX2, with a sound card.
+questions (a machine without a sound card, with a "USB stick" of models plugged in), models installed from the
+stick, then a power cut while an answer streams, a second boot, a clean shutdown, and checks of the disk from the
+host; last, another machine: a CPU without AVX2, with a sound card.
 """
 
 from __future__ import annotations
@@ -118,6 +119,45 @@ def test_without_a_sound_card_voice_says_no_microphone(device: Boot) -> None:
     assert voice_line(device) == "voice: no microphone"
 
 
+STICK = "/media/MODELS"  # the models stick (conftest's models_stick), mounted by the image's udev rule
+# (rootfs-overlay/usr/lib/udev/rules.d/80-llmos-usb-stick.rules)
+INSTALL_TIMEOUT = 900  # copy, hash, load and gate a model under software emulation, with margin
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "no output"
+    return lines[-1]
+
+
+def test_a_model_from_the_usb_stick_installs_and_answers(device: Boot) -> None:
+    """good.gguf passes its gate (the GGUF's own ping -> pong self-test) and becomes the active model."""
+    out = device.console.ask(f"/model install {STICK}/good.gguf", timeout=INSTALL_TIMEOUT)
+    assert last_line(out).startswith("model: active good"), out
+    assert device.console.ask("ping") == "pong"
+    assert re.search(r"^good\b[^;\n]*\bactive\b", device.console.ask("/model"), re.M)
+
+
+def test_a_model_that_fails_its_gate_is_rolled_back(device: Boot) -> None:
+    """bad.gguf comes with a sidecar of golden prompts (bad.golden.jsonl) whose answer it never gives: the store
+    rolls back to the model that was active, which goes on answering."""
+    out = device.console.ask(f"/model install {STICK}/bad.gguf", timeout=INSTALL_TIMEOUT)
+    final = last_line(out)
+    assert final.startswith("model: bad failed its gate") and "rolled back to good" in final, out
+    assert device.console.ask("ping") == "pong"
+    listing = device.console.ask("/model")
+    assert re.search(r"^good\b[^;\n]*\bactive\b", listing, re.M), listing
+    assert re.search(r"^bad\b[^;\n]*\bfailed\b", listing, re.M), listing
+
+
+def test_the_default_model_can_be_activated_again(device: Boot) -> None:
+    """Back to the built-in model, for the tests below (and the second boot) that expect it."""
+    out = device.console.ask("/model activate default", timeout=INSTALL_TIMEOUT)
+    assert last_line(out).startswith("model: active default"), out
+    assert re.search(r"^model: .+default\.gguf", status(device), re.M)
+    assert device.console.ask("ping") == "pong"
+
+
 def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, tmp_path: Path) -> None:
     if device.vm is None:
         pytest.skip("a real device: no power switch to pull from here")
@@ -147,6 +187,37 @@ def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, 
     starts = conn.execute("SELECT COUNT(*) FROM starts").fetchone()[0]
     assert starts >= 2, "the second boot's start is not recorded"
     assert root_digest(disk) == root_before, "the read-only root partition changed"
+
+
+def test_the_models_outcomes_are_in_the_database_on_the_disk(disk: Path, tmp_path: Path) -> None:
+    """Read off the disk after the clean shutdown: the registry (table models) and the events of both installs."""
+    db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
+    db.row_factory = sqlite3.Row
+    models = {r["name"]: dict(r) for r in db.execute("SELECT * FROM models")}
+    assert {"default", "good", "bad"} <= set(models), models
+    good, bad = models["good"], models["bad"]
+    assert good["sha256"] == sha256_file(ROOT / "model" / "llmos-tiny-q4_k_m.gguf"), good
+    assert bad["sha256"] == sha256_file(ROOT / "model" / "llmos-tiny-q8_0.gguf"), bad
+    assert good["source"].endswith("good.gguf") and bad["source"].endswith("bad.gguf"), (good, bad)
+    assert models["default"]["state"] == "active", models
+    assert good["state"] in ("installed", "previous"), good  # passed its gate; no longer active
+    assert bad["state"] == "failed" and bad["gate"], bad
+    events = [(r["kind"], f"{r['message']} {r['data']}") for r in db.execute("SELECT kind, message, data FROM events")]
+
+    def said(kind: str, name: str) -> bool:
+        return any(k == kind and re.search(rf"\b{name}\b", text) for k, text in events)
+
+    model_events = [e for e in events if e[0].startswith("model_")]
+    assert said("model_installed", "good") and said("model_activated", "good"), model_events
+    assert said("model_gate_failed", "bad") and said("model_rolled_back", "good"), model_events
+    assert said("model_activated", "default"), model_events
+    measure("models_in_registry", {name: row["state"] for name, row in models.items()})
+
+
+def test_the_usb_stick_was_mounted_read_only(disk: Path, tmp_path: Path) -> None:
+    """The udev rule's transient mount unit, from the journal on the disk."""
+    log = journal(disk, tmp_path / "j", "-u", "media-MODELS.mount", "-o", "cat")
+    assert re.search(r"Mounted .*/media/MODELS", log), log
 
 
 def test_root_is_read_only_and_var_grew_at_first_boot(disk: Path, tmp_path: Path) -> None:
@@ -242,6 +313,10 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
     db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
     starts = db.execute("SELECT exit_reason FROM starts").fetchall()
     assert starts == [("SIGTERM",)], f"the supervisor was restarted (by the watchdog?): {starts}"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def root_digest(disk: Path) -> str:
