@@ -6,13 +6,14 @@ bench-models` writes the same figures to BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
 from bench.models import CONTEXTS, ENV, SENTENCE, TOLERANCE, measure, models_dir
 from llmos_edge.engine import load_cpu_backend
-from llmos_edge.models import MIB, read_gguf
+from llmos_edge.models import MIB, GGUFInfo, read_gguf
 
 MIN_ARCHITECTURES = 8
 DIR = models_dir()
@@ -24,6 +25,11 @@ def _path(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing; `make arch-models` builds the matrix (the Makefile sets ${ENV})")
     return path
+
+
+@functools.cache
+def _info(name: str) -> GGUFInfo:
+    return read_gguf(_path(name))  # seconds for a 262k-token vocabulary: once per model
 
 
 def templated_tokens(path: Path, prompt: str) -> tuple[int, int]:
@@ -52,18 +58,17 @@ def templated_tokens(path: Path, prompt: str) -> tuple[int, int]:
 def test_the_matrix_covers_at_least_8_architectures() -> None:
     if not MODELS:
         pytest.fail(f"no models in {DIR}; `make arch-models` builds them (the Makefile sets ${ENV})")
-    archs = {read_gguf(DIR / f"{m}.gguf").architecture for m in MODELS}
+    archs = {_info(m).architecture for m in MODELS}
     assert len(archs) >= MIN_ARCHITECTURES, f"only {sorted(archs)} in {DIR}"
 
 
 @pytest.mark.parametrize("name", MODELS or ["(none built)"])
 def test_model_answers_with_its_template_within_its_memory_estimate(name: str) -> None:
-    path = _path(name)
-    info = read_gguf(path)
+    path, info = _path(name), _info(name)
     has_template = bool(info.metadata.get("tokenizer.chat_template"))
     expected = templated_tokens(path, SENTENCE) if has_template else None
     for n_ctx in CONTEXTS:
-        run = measure(path, n_ctx)
+        run = measure(path, n_ctx, info=info)
         assert run.stats.stop in ("eos", "length"), f"{name} at {n_ctx}: stopped with {run.stats.stop!r}"
         # The long prompt really filled most of the context (the peak is measured there).
         assert run.stats.tokens_in > 0.75 * run.estimate.n_ctx, f"{name}: only {run.stats.tokens_in} prompt tokens"
