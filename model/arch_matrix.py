@@ -88,6 +88,17 @@ ARCHS = [
     Arch("qwen3", "qwen3", "qwen35", template="Qwen-Qwen3-0.6B", n_head_kv=2, qk_norm=True, output=False),
     Arch("phi3", "phi3", "phi-3", quant="F16", qkv="fused", ffn="phi3"),
     Arch("gemma3", "gemma3", "gemma-4", n_head_kv=1, qk_norm=True, post_norms=True, output=False),
+    # Gemma 2's soft-capped logits and sliding-window KV cache, with Gemma 2's own template on Gemma's vocabulary.
+    Arch(
+        "gemma2",
+        "gemma2",
+        "gemma-4",
+        template="google-gemma-2-2b-it",
+        n_head_kv=2,
+        post_norms=True,
+        output=False,
+        extra=(("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
+    ),
     Arch("gpt2", "gpt2", "gpt-2", quant="F16", pos_embd=True, output=False, **GPT_BLOCK),
     Arch("stablelm", "stablelm", "gpt-neox", norm="layer"),
     Arch("starcoder2", "starcoder2", "starcoder", n_head_kv=2, output=False, **{**GPT_BLOCK, "qkv": "split"}),

@@ -1,7 +1,7 @@
 # llmos-tiny, the default model, built by the project itself (included by the top-level Makefile).
 #   make model        retrain it and rewrite model/llmos-tiny-{q8_0,q4_k_m}.gguf, SHA256SUMS, heldout.jsonl
 #   make speed-model  a random-weight ~50M-parameter Q4_K_M model for speed benchmarks, in $(CACHE)/models
-#   make arch-models  tiny random-weight models of 15 llama.cpp architectures with real tokenizers, in $(ARCH_MODELS)
+#   make arch-models  16 tiny random-weight models of 15 llama.cpp architectures, real tokenizers, in $(ARCH_MODELS)
 # The training environment lives in $(CACHE), outside the clone: torch is build-time only and never ships.
 
 MODEL_VENV := $(CACHE)/model-venv
