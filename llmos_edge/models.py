@@ -280,8 +280,8 @@ MIB = 2**20
 RUNTIME_BYTES = 50 * MIB
 # llama.cpp's tokenizer, built from the header while the model loads: each token is held as a string several times
 # (the GGUF metadata, id_to_token with its score, token_to_id's hash map, the piece cache), each BPE merge as a pair
-# of strings in a hash map and once more in the metadata. Fitted on the architecture matrix's 12 real vocabularies
-# (32k-262k tokens, 0-515k merges; bench/models.py): within 3% of every peak there.
+# of strings in a hash map and once more in the metadata. Fitted on the architecture matrix's 14 llama.cpp vocab
+# files (32k-262k tokens, 0-515k merges; bench/models.py): within 4% of every peak there.
 VOCAB_TOKEN_BYTES = 204
 VOCAB_MERGE_BYTES = 124
 KV_TYPES = {
