@@ -81,7 +81,7 @@ $(VENV)/.ok: pyproject.toml $(LLAMA_WHEEL_STAMP)
 	$(PY) -m pip install -q --find-links $(WHEELS) -e '.[dev]'
 	touch $@
 
-# model.mk: make model, speed-model; image.mk: image, run, flash, image-test (sets IMAGE_TEST); bench.mk: bench
+# model.mk: make model, speed-model, arch-models; image.mk: image, run, flash, image-test (sets IMAGE_TEST); bench.mk: bench
 -include model/model.mk
 -include image/image.mk
 -include bench/bench.mk
@@ -97,8 +97,10 @@ unit: venv vocab
 	$(VENV)/bin/pytest -q tests/unit
 
 # The speed model (random weights, seconds to make) gives the exact-resume test a long generation.
-integration: venv vocab speed-model
-	LLMOS_SPEED_MODEL=$(SPEED_MODEL) $(VENV)/bin/pytest -q -m "not voice_rates" tests/integration
+# The architecture matrix's models (model/arch_matrix.py) are loaded by test_architectures.py.
+integration: venv vocab speed-model arch-models
+	LLMOS_SPEED_MODEL=$(SPEED_MODEL) LLMOS_ARCH_MODELS=$(ARCH_MODELS) \
+	  $(VENV)/bin/pytest -q -m "not voice_rates" tests/integration
 
 # Spoken-command recognition rates per voice (issue 6; not yet part of `make test`, see tests/integration/test_voice.py)
 test-voice: venv

@@ -49,3 +49,10 @@ bench: bench-voice-devset
 
 bench-voice-devset: venv
 	$(PY) bench/voice_devset.py --write
+
+# Architecture matrix (issue 11): estimate vs peak RSS, load time and speed for each of model/arch_matrix.py's models.
+.PHONY: bench-models
+bench: bench-models
+
+bench-models: venv arch-models
+	LLMOS_ARCH_MODELS=$(ARCH_MODELS) $(PY) bench/models.py --write

@@ -575,6 +575,12 @@ MIB = 2**20
 # x86-64 Debian 12, Python 3.11), plus small allocations outside llama.cpp's buffers (thread stacks, tokenizer,
 # llama-cpp-python's arrays).
 RUNTIME_BYTES = 50 * MIB
+# llama.cpp's tokenizer, built from the header while the model loads: each token is held as a string several times
+# (the GGUF metadata, id_to_token with its score, token_to_id's hash map, the piece cache), each BPE merge as a pair
+# of strings in a hash map and once more in the metadata. Fitted on the architecture matrix's 14 llama.cpp vocab
+# files (32k-262k tokens, 0-515k merges; bench/models.py): within 4% of every peak there.
+VOCAB_TOKEN_BYTES = 204
+VOCAB_MERGE_BYTES = 124
 KV_TYPES = {
     "f32": 4.0,
     "f16": 2.0,
@@ -611,18 +617,35 @@ class MemoryEstimate:
     weights: int  # the file's tensors, mapped and read
     repacked: int  # copies the CPU backend makes of some weights
     kv_cache: int
-    compute: int  # llama.cpp's compute buffer for a full batch at this context, and the CPU work buffer
+    compute: int  # what a full batch at this context touches of llama.cpp's compute buffer, and the CPU work buffer
+    vocab: int = 0  # the tokenizer llama.cpp builds from the header
+    file: int = 0  # the whole file, mapped while loading
+
+    @property
+    def serving(self) -> int:
+        """After a prompt that fills the context."""
+        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.vocab
+
+    @property
+    def loading(self) -> int:
+        """While the model loads, llama.cpp maps and reads the whole file, header included (it unmaps the header
+        afterwards): with a large vocabulary and small weights, this is the peak."""
+        return self.runtime + self.file + self.repacked + self.vocab
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute
+        return max(self.serving, self.loading)
 
     def describe(self) -> str:
-        return (
-            f"{_mib(self.total)} MiB at context {self.n_ctx} (weights {_mib(self.weights + self.repacked)},"
-            f" KV cache {_mib(self.kv_cache)} {self.kv_type}, compute {_mib(self.compute)}, runtime "
-            f"{_mib(self.runtime)})"
-        )
+        when = ", while loading" if self.loading > self.serving else ""
+        parts = [
+            f"weights {_mib(self.weights + self.repacked)}",
+            f"KV cache {_mib(self.kv_cache)} {self.kv_type}",
+            f"compute {_mib(self.compute)}",
+            f"vocabulary {_mib(self.vocab)}",
+            f"runtime {_mib(self.runtime)}",
+        ]
+        return f"{_mib(self.total)} MiB at context {self.n_ctx}{when} ({', '.join(parts)})"
 
 
 def cpu_features(root: str | os.PathLike[str] = "/") -> frozenset[str]:
@@ -670,20 +693,25 @@ def _shape(info: GGUFInfo) -> tuple[int, int, int, int]:
     return n_embd, n_head, n_ff, info.n_vocab
 
 
-def compute_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
+def compute_buffer_bytes(info: GGUFInfo, n_ctx: int, n_outputs: int | None = None) -> int:
     """llama.cpp's CPU compute buffer (no flash attention), which it sizes for a full batch at the full context.
 
     Its graph allocator reuses memory, so the buffer is the largest set of tensors alive at one time: during
     attention the scores (heads x context x batch, f32), the mask and about 7 embedding-sized rows per token; in the
     feed-forward block 2 n_ff + 8 n_embd per token; at the output, the logits. Checked against the size llama.cpp
     reports for five shapes (n_embd 256-1024, contexts 256-2048) to within 0.25 MiB (see test_memory_estimate.py).
+
+    llama.cpp reserves logits for every token of the batch (n_outputs None, the size it reports), but a prompt asks
+    for the last token's only and the buffer's pages are touched as used: with n_outputs=1 this is what a prompt
+    makes resident. With a real vocabulary (150k tokens) the difference is hundreds of MiB.
     """
     n_kv, n_ub = _pad(n_ctx), min(N_UBATCH, _pad(n_ctx))
     n_embd, n_head, n_ff, n_vocab = _shape(info)
-    attention = n_kv * (n_head + 1) + 7 * n_embd
-    feed_forward = 2 * n_ff + 8 * n_embd
-    output = n_vocab + 2 * n_embd
-    return 4 * n_ub * max(attention, feed_forward, output)
+    n_out = n_ub if n_outputs is None else min(n_outputs, n_ub)
+    attention = n_ub * (n_kv * (n_head + 1) + 7 * n_embd)
+    feed_forward = n_ub * (2 * n_ff + 8 * n_embd)
+    output = n_out * n_vocab + n_ub * 2 * n_embd
+    return 4 * max(attention, feed_forward, output)
 
 
 def work_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
@@ -694,13 +722,27 @@ def work_buffer_bytes(info: GGUFInfo, n_ctx: int) -> int:
     return max(2 * n_head * n_kv * n_ub, n_ub * n_ff * 292 // 256)
 
 
+def _array_len(value: Any) -> int:
+    """The length of a header array, kept as a list or (when long) as its length only."""
+    if isinstance(value, list):
+        return len(value)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def vocab_bytes(info: GGUFInfo) -> int:
+    """llama.cpp's tokenizer in memory, from the header's token count and BPE merges."""
+    merges = _array_len(info.metadata.get("tokenizer.ggml.merges"))
+    return VOCAB_TOKEN_BYTES * info.n_vocab + VOCAB_MERGE_BYTES * merges
+
+
 def estimate_memory(
     info: GGUFInfo,
     n_ctx: int,
     kv_type: str = "f16",
     features: frozenset[str] | None = None,
 ) -> MemoryEstimate:
-    """What the worker will hold resident after a prompt that fills the context (its peak in normal use)."""
+    """The worker's peak resident memory: loading the model, or after a prompt that fills the context, whichever
+    is larger."""
     if kv_type not in KV_TYPES:
         raise ValueError(f"unknown KV type {kv_type}")
     ctx = _pad(n_ctx)
@@ -711,7 +753,9 @@ def estimate_memory(
         weights=info.weights_bytes,
         repacked=repacked_bytes(info, cpu_features() if features is None else features),
         kv_cache=info.kv_cache_bytes(ctx, KV_TYPES[kv_type], n_ubatch=N_UBATCH),
-        compute=compute_buffer_bytes(info, ctx) + work_buffer_bytes(info, ctx),
+        compute=compute_buffer_bytes(info, ctx, n_outputs=1) + work_buffer_bytes(info, ctx),
+        vocab=vocab_bytes(info),
+        file=info.file_size,
     )
 
 

@@ -15,12 +15,16 @@ import pytest
 from llmos_edge.errors import UserError
 from llmos_edge.models import (
     MIB,
+    VOCAB_MERGE_BYTES,
+    VOCAB_TOKEN_BYTES,
     GGUFInfo,
     Tensor,
+    _ArrayLen,
     compute_buffer_bytes,
     estimate_memory,
     fit_context,
     repacked_bytes,
+    vocab_bytes,
 )
 
 Q8_0, Q4_K, Q6_K, F32 = 8, 12, 14, 0
@@ -100,8 +104,40 @@ def test_the_estimate_adds_up() -> None:
     info = llama(768, 3, 12, 2048)
     est = estimate_memory(info, 512, features=frozenset({"avx2"}))
     assert est.kv_cache / MIB == pytest.approx(4.5)  # llama.cpp: 4.50 MiB for the 25M speed model at 512
-    assert est.total == est.runtime + est.weights + est.repacked + est.kv_cache + est.compute
+    assert est.serving == est.runtime + est.weights + est.repacked + est.kv_cache + est.compute + est.vocab
+    assert est.loading == est.runtime + est.file + est.repacked + est.vocab
+    assert est.total == max(est.serving, est.loading) == est.serving  # a small header: the peak is serving
     assert est.compute > compute_buffer_bytes(info, 512)  # plus the CPU backend's work buffer
+
+
+def test_a_prompt_touches_one_row_of_logits_of_the_reserved_batch() -> None:
+    # llama.cpp reserves logits for a whole batch; with a real vocabulary that dominates what it reports...
+    qwen = llama(64, 2, 4, 192, n_vocab=151936, wtype=Q8_0)
+    assert compute_buffer_bytes(qwen, 1024) / MIB == pytest.approx(4 * 512 * (151936 + 128) / MIB)
+    # ...but a prompt computes the last token's logits only (the measured peak was 121 MiB, not 400)
+    assert compute_buffer_bytes(qwen, 1024, n_outputs=1) < 12 * MIB
+    # with a small vocabulary the attention scores are the largest part either way
+    tiny = llama(256, 2, 8, 768)
+    assert compute_buffer_bytes(tiny, 1024, n_outputs=1) == compute_buffer_bytes(tiny, 1024)
+
+
+def test_the_tokenizer_counts_by_token_and_merge() -> None:
+    spm = llama(64, 2, 4, 192, n_vocab=32000)
+    bpe = llama(64, 2, 4, 192, n_vocab=32000)
+    bpe.metadata["tokenizer.ggml.merges"] = _ArrayLen(30000)  # as the header reader keeps a long array
+    assert vocab_bytes(spm) == 32000 * VOCAB_TOKEN_BYTES
+    assert vocab_bytes(bpe) == vocab_bytes(spm) + 30000 * VOCAB_MERGE_BYTES
+
+
+def test_a_large_header_makes_loading_the_peak() -> None:
+    # gemma's 262k tokens and 515k merges: a 33 MiB file of which 15 MiB header, 18 MiB weights
+    info = llama(64, 2, 4, 192, n_vocab=262144, wtype=Q8_0)
+    info.tensors = [t for t in info.tensors if t.name != "output.weight"]  # tied to the embedding
+    info.metadata["tokenizer.ggml.merges"] = _ArrayLen(514906)
+    info.file_size = 33705504
+    est = estimate_memory(info, 256, features=frozenset())
+    assert est.total == est.loading > est.serving
+    assert "while loading" in est.describe()
 
 
 def test_fit_context_takes_the_largest_that_fits() -> None:
