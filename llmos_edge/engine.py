@@ -649,11 +649,6 @@ class Engine:
                 except OSError:
                     pass  # a dead worker is the keeper's business; the limits are sent again at start
 
-    def kill(self) -> None:
-        """Kill the worker without waiting for a request in progress (a hung worker holds no lock we need)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-
     def stop(self, timeout: float = 2.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout`."""
         proc, conn = self._proc, self._conn

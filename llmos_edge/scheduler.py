@@ -131,7 +131,6 @@ class Scheduler:
         # While no engine is ready: "" if one is coming (loading, restarting: the request waits, up to its
         # deadline), else why none will come without a person (then the request is answered at once).
         self.unavailable = unavailable
-        self.paused = ""  # why the queue is paused (the governor's actuator); empty when running
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
         self._stopping = False
@@ -155,16 +154,6 @@ class Scheduler:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def pause(self, reason: str) -> None:
-        """Hold queued requests (the one running finishes); they wait, subject to their deadlines."""
-        with self._cond:
-            self.paused = reason
-
-    def resume(self) -> None:
-        with self._cond:
-            self.paused = ""
-            self._cond.notify_all()
 
     def depth(self) -> dict[str, int]:
         with self._cond:
@@ -248,7 +237,7 @@ class Scheduler:
             while not self._stopping:
                 now = time.monotonic()
                 self._expire(now)
-                req = None if self.paused else self._pick(now)
+                req = self._pick(now)
                 if req is not None:
                     self.current = req
                     return req

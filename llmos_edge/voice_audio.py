@@ -216,7 +216,3 @@ class Playback:
         if p.poll() is None:
             p.kill()
         p.wait(2)
-
-
-def pcm_seconds(pcm: bytes, rate: int) -> float:
-    return len(pcm) / 2 / rate

@@ -5,7 +5,8 @@ without the build-time training environment.
 
 Two tasks, both answered exactly:
   * a device FAQ: 12 intents, each with many phrasings built as prefix x core phrase x suffix x casing. Whole
-    (prefix, core, suffix) combinations are held out, so every held-out prompt is a phrasing never trained on.
+    (prefix, core, suffix) combinations are held out, so every held-out prompt is a combination never trained on;
+    each of its parts is trained in other combinations (it tests recombination of known parts, not new wording).
   * "reverse <word>": pseudo-random lowercase words of 3-10 letters; held-out words never appear in training.
 
 Prompt contract with the engine: llama.cpp is given BOS + prompt + "\\n", the model answers and emits EOS.

@@ -9,6 +9,7 @@ host; last, another machine: a CPU without AVX2, with a sound card.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 import sqlite3
 import subprocess
@@ -57,12 +58,21 @@ def voice_line(b: Boot, timeout: float = 300) -> str:
 
 
 def sample_heldout(per_task: int = 4) -> list[dict[str, str]]:
-    picked: dict[str, list[dict[str, str]]] = {}
+    """A seeded random sample, stratified: FAQ prompts from `per_task` different intents (answers) and reverse
+    prompts of `per_task` different word lengths. The seed is the commit under test, so a rerun asks the same, and
+    over the commits every intent and length is asked (each answer costs seconds under software emulation)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    rng = random.Random(int(head[:8] or "0", 16))
+    strata: dict[tuple[str, object], list[dict[str, str]]] = {}
     for row in heldout():
-        picked.setdefault(row["task"], [])
-        if len(picked[row["task"]]) < per_task:
-            picked[row["task"]].append(row)
-    return [r for rows in picked.values() for r in rows]
+        key = (row["task"], row["answer"] if row["task"] == "faq" else len(row["answer"]))
+        strata.setdefault(key, []).append(row)
+    picked = []
+    for task in sorted({t for t, _ in strata}):
+        keys = sorted((k for k in strata if k[0] == task), key=str)
+        for key in rng.sample(keys, min(per_task, len(keys))):
+            picked.append(rng.choice(strata[key]))
+    return picked
 
 
 ASKED: list[str] = []  # prompts answered before the power cut: their rows must survive it
