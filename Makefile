@@ -118,9 +118,9 @@ run-host: venv
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
-# README's config reference is generated from the schema (a unit test fails when they differ).
+# docs/configuration.md's config reference is generated from the schema (a unit test fails when they differ).
 docs: venv
-	$(PY) -c 'import re, pathlib; from llmos_edge.config import reference; p = pathlib.Path("README.md"); \
+	$(PY) -c 'import re, pathlib; from llmos_edge.config import reference; p = pathlib.Path("docs/configuration.md"); \
 	  s = p.read_text(); \
 	  p.write_text(re.sub(r"(<!-- config-reference:[^\n]*-->\n).*?(<!-- /config-reference -->)", \
 	    lambda m: m.group(1) + reference() + m.group(2), s, flags=re.S))'
