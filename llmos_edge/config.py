@@ -1,7 +1,7 @@
 """The configuration: one YAML file, a documented schema with defaults, validation with one-line errors.
 
 The schema is declared once (the dataclasses below, with a doc string per setting); validation, the defaults and
-the reference in README.md (`llmos config-reference`) are all derived from it, so they cannot drift apart.
+the reference in docs/configuration.md (`llmos config-reference`) are all derived from it, so they cannot drift apart.
 On a device an invalid override must not brick it: `load_layers` skips a broken file and says why, and runs the
 last configuration that worked (`save_last_good`, written once the appliance is READY) rather than the layers below
 the broken one. Keys that only make sense together (the setpoint below the critical temperature, and the like) are
@@ -575,7 +575,7 @@ def dump(config: Config) -> str:
 
 
 def reference() -> str:
-    """The config reference as Markdown, generated from the schema (README.md embeds it; a test keeps them equal)."""
+    """The config reference as Markdown, from the schema (docs/configuration.md embeds it; a test keeps them equal)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for name, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):

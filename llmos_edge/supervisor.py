@@ -408,7 +408,7 @@ class Supervisor:
         return self.shutdown()
 
     def shutdown(self) -> int:
-        """Within SHUTDOWN_S in all (the README promises 5 s; TimeoutStopSec has a margin over it): each step gets
+        """Within SHUTDOWN_S in all (docs/console.md promises 5 s; TimeoutStopSec has a margin over it): each step gets
         what is left of the budget, and the engine is killed rather than waited for."""
         t0 = time.monotonic()
         deadline = t0 + SHUTDOWN_S
