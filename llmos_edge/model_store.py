@@ -200,10 +200,12 @@ class ModelStore:
         self.store = store
         self.dir = Path(directory)
         self.default_path = default_path
+        self.installed = 0  # models in the store besides `default`, as of the last read: /status never reads the db
 
     # -- the registry --------------------------------------------------------------------------------------
     def entries(self, include_removed: bool = False) -> list[ModelEntry]:
         rows = [ModelEntry.from_row(r) for r in self.store.models()]
+        self.installed = sum(1 for e in rows if e.state is not State.REMOVED and not e.builtin)
         return [e for e in rows if include_removed or e.state is not State.REMOVED]
 
     def get(self, name: str) -> ModelEntry | None:

@@ -341,7 +341,8 @@ class Store:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Rows held in memory because the disk failed them (not a row whose write is merely under way)."""
+        return len(self._pending) if self._disk_full_logged else 0
 
     def record_start(self, *, version: str, config_sources: str, config_fallback: str, model: str) -> int:
         self.start_id = (

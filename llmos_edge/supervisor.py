@@ -275,7 +275,7 @@ class Supervisor:
 
     def _models_line(self) -> str:
         k = self.keeper
-        installed = len(self.models.entries()) - 1
+        installed = self.models.installed
         line = f"models: active {k.preferred.name}"
         if k.fallback:
             line += f"; FALLBACK {k.fallback}"
