@@ -20,7 +20,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nWritten by `make bench`; every figure below was measured by the command shown with it.\n"
+HEADER = (
+    "# Benchmarks\n\nWritten by `make bench`; every figure below was measured by the command shown with it, at the "
+    "commit and\nload average shown with it, and each section ends with its verdicts (`MISSED` when a target was "
+    "missed).\n"
+)
 # What the benchmarks themselves write: `make bench` runs one after another, and the first one's section must not
 # make the next one's commit look modified.
 OUTPUTS = ("BENCHMARKS.md", "bench/*.png")
