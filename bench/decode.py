@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5, help=f"alternating rounds, at least {MIN_ROUNDS}")
-    ap.add_argument("--raw-side", metavar="VARIANT", help=argparse.SUPPRESS)  # the child process of raw_rate
+    ap.add_argument("--raw-side", metavar="VARIANT", help=argparse.SUPPRESS)  # the child process of RawSide
     args = ap.parse_args()
     if args.raw_side:
         raw_serve(args.model, args.threads, args.raw_side)

@@ -90,6 +90,7 @@ def main() -> int:
         "False accepts: " + (", ".join(f"{k} ({n})" for k, n in false.most_common()) or "none") + ".",
     ]
     print("\n".join(lines))
+    print("no target: report only (the held-out set is judged by tests/integration/test_voice.py)")
     if args.write:
         report.write_section(
             "voice-devset",
