@@ -324,9 +324,10 @@ class Console:
             self._dropped += len(data) - written
 
     def prompt(self) -> str:
-        """`llmos> `, or while the model loads `[loading default, 12 s] llmos> ` (questions wait meanwhile)."""
+        """`llmos> `, or while the model loads a line `[loading default, 12 s]` above it (questions wait meanwhile).
+        The prompt itself stays `llmos> ` at the start of a line: programs that drive the console wait for that."""
         loading = self.loading()
-        return f"[{loading}] {PROMPT}" if loading else PROMPT
+        return f"[{loading}]\n{PROMPT}" if loading else PROMPT
 
     def _notice(self, text: str) -> None:
         """Rate-limited: a burst of line noise gets one notice a second, with a count of what else was dropped."""

@@ -42,7 +42,7 @@ def test_a_question_typed_while_the_model_loads_waits_for_it(appliance_factory: 
     banner = app.console.read_until(b"llmos> ", 20).decode()
     assert "llmos-edge is starting: loading default" in banner, banner
     assert "Questions typed now wait until it answers" in banner
-    assert "[loading default, " in banner  # the prompt says so too
+    assert "\r\n[loading default, " in banner and banner.endswith("]\r\nllmos> ")  # the prompt says so too
     app.console.send("ping\r")
     time.sleep(12)  # longer than the 10 s after which a question used to fail
     os.kill(pid, signal.SIGCONT)
