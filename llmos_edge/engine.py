@@ -82,10 +82,7 @@ class EngineInfo:
 
 
 STREAM_INTERVAL = 0.02  # seconds between token messages while a generation streams
-PREFILL_MIN = 256  # prompts longer than this are read in chunks (shorter ones exactly as before, in one batch)
-PREFILL_FIRST = 32  # the first chunk, small enough for the slowest board; later ones sized by its speed
-PREFILL_REPORT_S = 0.25  # about how long one chunk takes (well inside the shortest progress_timeout, 1 s)
-N_BATCH = 512  # llama-cpp-python's n_batch: a chunk is never larger than what it would evaluate at once
+N_BATCH = 512  # llama-cpp-python's n_batch: a long prompt is read in batches of this size, with progress between
 
 
 def default_threads() -> int:
@@ -326,23 +323,18 @@ class _Worker:
         self.conn.send(("done", job.rid, stats))
 
     def _prefill(self, job: _Job) -> bool:
-        """A long prompt is evaluated in chunks with a progress message after each: prefill is progress, so a prompt
-        that takes longer than `progress_timeout` to read is not killed as hung (and can be cancelled meanwhile).
-        Chunks are sized to take about PREFILL_REPORT_S each on this machine (small on a slow board, up to
-        llama.cpp's own batch on a fast one). generate() then finds the prompt in the KV cache and evaluates only
-        its last token. Returns True when the request was cancelled during the prefill."""
+        """A prompt longer than one batch is evaluated batch by batch, exactly as generate() would (llama-cpp-python
+        splits at n_batch too, so the computation and the memory it touches are the same), with a progress message
+        after each batch: prefill is progress, so a prompt that takes longer than `progress_timeout` to read is not
+        killed as hung, and it can be cancelled meanwhile. generate() then finds the prompt in the KV cache and
+        evaluates only its last token. Returns True when the request was cancelled during the prefill."""
         head = job.tokens[:-1]
-        if len(head) <= PREFILL_MIN:
-            return False  # short prompts (nearly all) are evaluated by generate() in one batch, as before
+        if len(head) <= N_BATCH:
+            return False  # one batch: generate() evaluates it at once, as before
         self.llm.reset()  # type: ignore[no-untyped-call]
-        i, n = 0, PREFILL_FIRST
-        while i < len(head):
-            t0 = time.perf_counter()
-            self.llm.eval(head[i : i + n])
-            i += len(head[i : i + n])
-            per_token = (time.perf_counter() - t0) / n
-            n = max(PREFILL_FIRST, min(N_BATCH, int(PREFILL_REPORT_S / max(per_token, 1e-6))))
-            self.conn.send(("progress", job.rid, i))
+        for i in range(0, len(head), N_BATCH):
+            self.llm.eval(head[i : i + N_BATCH])
+            self.conn.send(("progress", job.rid, min(i + N_BATCH, len(head))))
             control = self._control(job.rid)
             if control == "cancel":
                 return True
