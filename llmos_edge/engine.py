@@ -59,6 +59,7 @@ class EngineSettings:
     n_ctx: int = 512
     n_threads: int = 0  # 0: one per CPU this process may run on
     exclude_cpu: tuple[str, ...] = ()  # CPU variants that died with SIGILL on this machine
+    report_every: float = 5.0  # seconds of prefill between progress messages (the handle sets a sixth of its timeout)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class EngineInfo:
 
 
 STREAM_INTERVAL = 0.02  # seconds between token messages while a generation streams
-N_BATCH = 512  # llama-cpp-python's n_batch: a long prompt is read in batches of this size, with progress between
+N_BATCH = 512  # llama-cpp-python's n_batch: the largest chunk a long prompt is read in
+PREFILL_FIRST = 32  # the first chunk of a long prompt: small enough for the slowest board, then sized by its speed
 
 
 def default_threads() -> int:
@@ -323,18 +325,25 @@ class _Worker:
         self.conn.send(("done", job.rid, stats))
 
     def _prefill(self, job: _Job) -> bool:
-        """A prompt longer than one batch is evaluated batch by batch, exactly as generate() would (llama-cpp-python
-        splits at n_batch too, so the computation and the memory it touches are the same), with a progress message
-        after each batch: prefill is progress, so a prompt that takes longer than `progress_timeout` to read is not
-        killed as hung, and it can be cancelled meanwhile. generate() then finds the prompt in the KV cache and
+        """A prompt longer than one batch is evaluated in chunks with a progress message after each: prefill is
+        progress, so a prompt that takes longer than `progress_timeout` to read is not killed as hung, and it can be
+        cancelled meanwhile. The first chunk is small; the next ones take about `report_every` seconds on this
+        machine, at most llama-cpp-python's own batch (n_batch: on a quick machine the batches, and so the memory
+        they touch, are what generate() would have used). generate() then finds the prompt in the KV cache and
         evaluates only its last token. Returns True when the request was cancelled during the prefill."""
         head = job.tokens[:-1]
         if len(head) <= N_BATCH:
             return False  # one batch: generate() evaluates it at once, as before
         self.llm.reset()  # type: ignore[no-untyped-call]
-        for i in range(0, len(head), N_BATCH):
-            self.llm.eval(head[i : i + N_BATCH])
-            self.conn.send(("progress", job.rid, min(i + N_BATCH, len(head))))
+        i, n = 0, PREFILL_FIRST
+        while i < len(head):
+            t0 = time.perf_counter()
+            chunk = head[i : i + n]
+            self.llm.eval(chunk)
+            i += len(chunk)
+            per_token = max((time.perf_counter() - t0) / len(chunk), 1e-6)
+            n = max(PREFILL_FIRST, min(N_BATCH, int(self.settings.report_every / per_token)))
+            self.conn.send(("progress", job.rid, i))
             control = self._control(job.rid)
             if control == "cancel":
                 return True
@@ -435,7 +444,8 @@ class Engine:
     """
 
     def __init__(self, settings: EngineSettings, load_timeout: float = 120.0, progress_timeout: float = 30.0) -> None:
-        self.settings = settings
+        # A long prompt's prefill reports progress several times per progress_timeout, so it is never taken for a hang.
+        self.settings = replace(settings, report_every=min(5.0, progress_timeout / 6))
         self.load_timeout = load_timeout
         self.progress_timeout = progress_timeout
         self._proc: subprocess.Popen[bytes] | None = None
