@@ -199,9 +199,13 @@ class Governor:
             return False
         return True
 
-    def fits_now(self, info: GGUFInfo) -> bool:
-        """Would `info` pass the pre-flight now (at the smallest context)? No event: the ladder asks this often."""
+    def fits_now(self, info: GGUFInfo, *, beside_worker: bool = False) -> bool:
+        """Would `info` pass the pre-flight now (at the smallest context)? No event: the ladder asks this often.
+        `beside_worker`: without counting the running worker's memory as free (the ladder goes back to a bigger model
+        only when it fits beside the fallback's memory, so a step back never has to be undone at once)."""
         budget = self.memory_budget() if self.cfg.enabled else 0
+        if beside_worker and budget > 0 and not self.cfg.memory_budget_mb:
+            budget = max(1, budget - self.worker_rss)
         if budget <= 0:
             return True
         try:

@@ -96,6 +96,8 @@ class Keeper:
         self.fallback = ""  # why the ladder runs `target` instead of `preferred`; empty when it does not
         self._fallback_cause = ""  # memory | crash | hot | file
         self._fallback_at = 0.0
+        self._recheck_every = cfg.models.recheck  # doubles while going back keeps failing (no bouncing)
+        self._went_back_at = -1e9
         self._hot_since: float | None = None
         self._cool_since: float | None = None
         self._load_error = ""  # the last load failure of the current target, for wait_settled
@@ -299,6 +301,11 @@ class Keeper:
             if not rung.builtin and not self._fits_now(rung):
                 continue
             first = not self.fallback
+            now = self.clock()
+            if first and now - self._went_back_at < 60.0:  # the way back failed again: wait longer before the next try
+                self._recheck_every = min(self._recheck_every * 2, 600.0)
+            elif first:
+                self._recheck_every = self.cfg.models.recheck
             self.fallback = f"running {rung.name} instead of {self.preferred.name}: {reason}"
             self._fallback_cause = cause if first else self._fallback_cause
             self._fallback_at = self.clock()
@@ -316,13 +323,13 @@ class Keeper:
             return True
         return False
 
-    def _fits_now(self, entry: ModelEntry) -> bool:
+    def _fits_now(self, entry: ModelEntry, *, beside_worker: bool = False) -> bool:
         try:
             info = read_gguf(entry.path)
             check_loadable(info)
         except UserError:
             return False
-        return self.governor.fits_now(info)
+        return self.governor.fits_now(info, beside_worker=beside_worker)
 
     def _watch_ladder(self, now: float) -> None:
         """While serving: step down when the board stays too hot for this model; while on a fallback: go back to
@@ -345,7 +352,7 @@ class Keeper:
             if not self._step_down(self.running, why, "hot"):
                 self._hot_since = now  # already the smallest: ask again after another hot_for, not every tick
             return
-        if not self.fallback or now - self._fallback_at < self.cfg.models.recheck:
+        if not self.fallback or now - self._fallback_at < self._recheck_every:
             return
         cause, back = self._fallback_cause, False
         if cause == "hot":
@@ -355,11 +362,12 @@ class Keeper:
         elif cause == "file":
             back = self._failed_stamp != _stamp(self.preferred.path) and self._fits_now(self.preferred)
         else:
-            back = self._fits_now(self.preferred)
+            back = self._fits_now(self.preferred, beside_worker=True)
         self._fallback_at = now
         if back:
             log.info("degradation ladder: going back to %s (%s is gone)", self.preferred.name, cause)
             self.store.event("model_fallback_end", f"back to {self.preferred.name}: the {cause} cause is gone")
+            self._went_back_at = now
             self.fallback = ""
             self.target = self.preferred
             self._failed_stamp = None

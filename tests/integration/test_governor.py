@@ -233,7 +233,9 @@ def test_no_oom_under_memory_pressure(appliance_factory: type[Appliance], tmp_pa
         # its limit and the kernel would have to kill something.
         time.sleep(1.0)
         freed = cgroup_room_mib(memory_cgroup) - 40
-        assert freed > 20, f"unloading freed only {freed} MiB"
+        # The worker's own memory (its page cache of the model and libraries stays cached, and inactive file pages
+        # are not counted as used): 18-25 MiB here with the tiny model.
+        assert freed > 10, f"unloading freed only {freed} MiB"
         hog_mib += freed + 20
         grow(hog, hog_mib)
         time.sleep(1.0)
