@@ -1,10 +1,9 @@
-"""The supervisor: wires config, store, engine, scheduler and console together and keeps them running.
+"""The supervisor: wires config, store, engine, keeper, governor, scheduler and the front-ends together, runs them
+and shuts them down within SHUTDOWN_S.
 
-It tells systemd READY=1 once it has reached a steady state: the model answered its self-test (serving), or the
-model cannot be used for a reason a person must fix (degraded: the console still answers /status with the reason
-instead of the service restarting in a loop). A board that boots above its critical temperature waits to cool
-before the self-test, asking systemd for more time (EXTEND_TIMEOUT_USEC) meanwhile. WATCHDOG=1 is sent only while
-the supervisor's threads are alive and the engine is idle or making progress; STATUS= is a one-line summary.
+The jobs live in their own modules: the engine's lifecycle in keeper.py, READY/WATCHDOG/STATUS and the self-test in
+readiness.py, the snapshot every front-end renders in status.py. What stays here is the wiring, the governor's
+actuators, the model commands and the order of start and stop.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import sdnotify
 
 from llmos_edge import __version__
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
@@ -27,28 +25,29 @@ from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineSettings, default_threads
 from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
-from llmos_edge.keeper import EngineState, Keeper, KeeperState
+from llmos_edge.keeper import Keeper, KeeperState
 from llmos_edge.model_store import ModelStore
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
-from llmos_edge.readiness import ThreadWatch, watchdog_interval
+from llmos_edge.readiness import Readiness
 from llmos_edge.scheduler import Scheduler
 from llmos_edge.sensors import thermal_zones
+from llmos_edge.status import (
+    EngineStatus,
+    GovernorStatus,
+    LastAnswer,
+    MemoryStatus,
+    ModelStatus,
+    Status,
+    StoreStatus,
+)
+from llmos_edge.status import lines as status_lines
+from llmos_edge.status import summary as status_summary
 from llmos_edge.store import Store
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
 
 log = logging.getLogger(__name__)
 
-HOT_BOOT_EXTEND_S = 30  # while booting hot, each EXTEND_TIMEOUT_USEC gives systemd this much more patience
 SHUTDOWN_S = 4.0  # the whole clean shutdown, inside the documented 5 s
-
-
-def _fmt_duration(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 class Supervisor:
@@ -56,10 +55,7 @@ class Supervisor:
         self.loaded = loaded
         self.cfg: Config = loaded.config
         self.started = time.monotonic()
-        self.notifier = sdnotify.SystemdNotifier()
         self.stopping = threading.Event()
-        self.ready_sent = False
-        self.self_test = "not run"
         self.stop_reason = ""  # SIGTERM, SIGINT, SIGHUP or Ctrl-D: recorded as the start's exit_reason
         c = self.cfg
         self.store = Store(
@@ -68,7 +64,6 @@ class Supervisor:
             keep_events=c.database.keep_events,
             keep_voice=c.database.keep_voice,
         )
-        self.watch = ThreadWatch(self.store)
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
         self.engine = Engine(
@@ -91,6 +86,17 @@ class Supervisor:
             max_threads=c.model.threads or default_threads(),
         )
         self.keeper = Keeper(c, self.engine, self.store, self.models, self.governor, self.stopping)
+        self.readiness = Readiness(
+            self.keeper,
+            self.governor,
+            self.models,
+            self.store,
+            self.engine,
+            progress_timeout=c.engine.progress_timeout,
+            stopping=self.stopping,
+            started=self.started,
+            summary=lambda: status_summary(self.status()),
+        )
         self.scheduler = Scheduler(
             self.engine,
             self.store,
@@ -123,10 +129,10 @@ class Supervisor:
                 c.model.max_tokens,
                 on_eof=(lambda: self._stop_by("Ctrl-D")) if c.console.device == "stdio" else None,
                 model=self.model_command,
-                loading=self.loading,
+                loading=self.readiness.loading,
             )
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
-        self.voice = Voice(c.voice, self.scheduler, self.store, self.status_lines, c.model.max_tokens)
+        self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
             # The model's memory budget is set before voice starts (after READY): leave voice its room now.
             self.governor.reserve_extra = VOICE_MEMORY_MB * MIB
@@ -158,131 +164,54 @@ class Supervisor:
             log.warning("stopping request %d: %s", current.id, reason)
             current.cancel()
 
-    # -- self-test and readiness ---------------------------------------------------------------------------
-    def _wait_until_steady(self) -> None:
-        """Block until serving (the model that came up passed its gate) or settled in a state a person must fix;
-        then READY=1. A store model that fails its gate at boot is rolled back and the previous one gated."""
-        said_hot = False
-        while not self.stopping.is_set():
-            if self.keeper.ready.wait(0.2):
-                if self.governor.thermal in ("critical", "cooling"):
-                    # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
-                    # board to cool, telling systemd we are still starting so it does not kill us for being slow;
-                    # the console already answers, with the reason.
-                    if not said_hot:
-                        said_hot = True
-                        self.self_test = "waiting for the board to cool"
-                        log.warning("self-test waits: %s", self.governor.refusal_thermal())
-                        self.store.event("self_test_waiting", self.governor.refusal_thermal())
-                    self.notifier.notify(f"EXTEND_TIMEOUT_USEC={HOT_BOOT_EXTEND_S * 1_000_000}")
-                    self._notify_status()
-                    self.stopping.wait(1.0)
-                    continue
-                entry = self.keeper.running
-                if entry is None:
-                    continue
-                ok, result = self.keeper.gate(entry)
-                self.self_test = result if ok else f"failed: {result}"
-                if ok:
-                    self.models.mark(entry.name, good=True, gate=result)
-                    self.store.event("ready", f"self-test {self.self_test}", {"model": entry.name})
-                    break
-                self.store.event("self_test_failed", self.self_test, {"model": entry.name})
-                if self.keeper.boot_gate_failed(result):
-                    continue  # rolled back to the last good model: gate that one
-                self.keeper.es = EngineState(KeeperState.DEGRADED, f"self-test {self.self_test}")
-                break
-            if self.keeper.es.state is KeeperState.FAILED:
-                break
-            self._notify_status()
-        if not self.stopping.is_set():
-            self.notifier.notify("READY=1")
-            self.ready_sent = True
-            log.info("ready: %s", self.status_line())
-            if not self.loaded.fallback and self.keeper.es.state is KeeperState.READY:
-                # This configuration ran: it is what a broken edit falls back to from now on.
-                try:
-                    save_last_good(self.cfg, last_good_path(self.cfg.database.path))
-                except UserError as e:
-                    log.warning("%s", e)
-
     # -- status --------------------------------------------------------------------------------------------
-    def _shown_state(self) -> str:
-        # The engine is up before the self-test has answered: not ready for people yet.
-        state = self.keeper.es.state
-        return "starting" if state is KeeperState.READY and not self.ready_sent else state.value
-
-    def status_line(self) -> str:
-        info = self.engine.info
+    def status(self) -> Status:
+        """One snapshot of everything /status, STATUS= and the voice front-end report."""
+        info, m, k = self.engine.info, self.keeper.info, self.keeper
         last = self.scheduler.last_stats
-        speed = f"{last.decode_tok_s:.0f} tok/s" if last and last.decode_tok_s else "- tok/s"
-        mem = f"mem {_mib(self._engine_rss() + psutil.Process().memory_info().rss)}"
-        depth = sum(self.scheduler.depth().values())
-        state = self._shown_state()
-        reason = self.keeper.es.reason
-        head = state if not reason else f"{state}: {reason}"
-        return (
-            f"{head} | {info.model or Path(self.cfg.model.path).name} | {speed} | {mem} | "
-            f"up {_fmt_duration(time.monotonic() - self.started)} | restarts {self.keeper.restarts} | queue {depth} | "
-            f"{self.governor.status_summary()}"  # governor (issue 4): temperature vs setpoint, memory vs budget
+        vm = psutil.virtual_memory()
+        g = self.governor
+        return Status(
+            state=self.readiness.shown_state(),
+            reason=k.es.reason,
+            model_file=info.model or Path(self.cfg.model.path).name,
+            model=None if m is None else ModelStatus(m.name, m.quantization, m.n_params, m.file_size, str(m.path)),
+            store=StoreStatus(
+                active=k.preferred.name,
+                fallback=k.fallback,
+                trial=bool(k.trial),
+                installed=self.models.installed,
+                directory=str(self.models.dir),
+                last_change=k.last_change,
+            ),
+            engine=EngineStatus(info.pid, info.n_ctx, info.n_threads, info.cpu_backend) if info.pid else None,
+            self_test=self.readiness.self_test,
+            last=None if last is None else LastAnswer(last.tokens_out, last.decode_tok_s, last.ttft_s),
+            memory=MemoryStatus(psutil.Process().memory_info().rss, self._engine_rss(), vm.available, vm.total),
+            temperatures=tuple((z.type, z.celsius) for z in thermal_zones(self.cfg.governor.sensors_root)),
+            governor=GovernorStatus(  # governor (issue 4): thermal control, memory budget, machine
+                enabled=self.cfg.governor.enabled,
+                celsius=g.celsius,
+                setpoint=self.cfg.governor.setpoint,
+                mode=str(g.thermal),
+                share=g.limits.share,
+                budget=g.budget,
+                lines=tuple(g.status_lines()),
+                summary=g.status_summary(),
+            ),
+            voice=self.voice.status_line(),  # voice (issue 6)
+            uptime_s=time.monotonic() - self.started,
+            restarts=k.restarts,
+            queue=self.scheduler.depth(),
+            config_sources=tuple(self.loaded.sources),
+            config_fallback=self.loaded.fallback,
+            database=str(self.store.path),
+            database_pending=self.store.pending,
+            database_degraded=self.store.degraded,
         )
 
     def status_lines(self) -> list[str]:
-        info, m = self.engine.info, self.keeper.info
-        vm = psutil.virtual_memory()
-        last = self.scheduler.last_stats
-        reason = self.keeper.es.reason
-        lines = [f"state: {self._shown_state()}" + (f" ({reason})" if reason else "")]
-        if m is not None:
-            lines.append(
-                f"model: {m.name} ({m.quantization}, {m.n_params / 1e6:.2f}M params, {_mib(m.file_size)}) {m.path}"
-            )
-        lines.append(self._models_line())
-        if info.pid:
-            lines.append(f"engine: pid {info.pid}, ctx {info.n_ctx}, {info.n_threads} threads, cpu {info.cpu_backend}")
-        lines.append(f"self-test: {self.self_test}")
-        if last is not None:
-            lines.append(
-                f"last answer: {last.tokens_out} tokens, {last.decode_tok_s:.1f} tok/s, "
-                f"first token {last.ttft_s * 1000:.1f} ms"
-            )
-        else:
-            lines.append("last answer: none yet")
-        lines.append(
-            f"memory: supervisor {_mib(psutil.Process().memory_info().rss)}, engine "
-            f"{_mib(self._engine_rss())}; available {_mib(vm.available)} of {_mib(vm.total)}"
-        )
-        zones = thermal_zones(self.cfg.governor.sensors_root)
-        lines.append(
-            "temperature: "
-            + (", ".join(f"{z.type} {z.celsius:.1f} C" for z in zones) if zones else "no thermal sensor")
-        )
-        lines += self.governor.status_lines()  # governor (issue 4): thermal control, memory budget, machine
-        lines.append(self.voice.status_line())  # voice (issue 6)
-        lines.append(
-            f"uptime: {_fmt_duration(time.monotonic() - self.started)}; engine restarts: {self.keeper.restarts}"
-        )
-        depth = self.scheduler.depth()
-        lines.append("queue: " + ", ".join(f"{k} {v}" for k, v in depth.items()))
-        cfg = ", ".join(self.loaded.sources)
-        lines.append(f"config: {cfg}" + (f" (FALLBACK: {self.loaded.fallback})" if self.loaded.fallback else ""))
-        lines.append(
-            f"database: {self.store.path}"
-            + (f" ({self.store.pending} rows waiting for disk space)" if self.store.pending else "")
-            + (f" (degraded: {self.store.degraded})" if self.store.degraded else "")
-        )
-        return lines
-
-    def _models_line(self) -> str:
-        k = self.keeper
-        installed = self.models.installed
-        line = f"models: active {k.preferred.name}"
-        if k.fallback:
-            line += f"; FALLBACK {k.fallback}"
-        elif k.trial:
-            line += " (trying it: gate running)"
-        line += f"; {installed} installed in {self.models.dir} (`/model` lists them)"
-        return line + (f"; last change: {k.last_change}" if k.last_change else "")
+        return status_lines(self.status())
 
     def model_command(self, args: str, progress: Callable[[str], None]) -> list[str]:
         """`/model ...` on the console, `llmos model ...` through the control socket. Raises UserError."""
@@ -325,31 +254,6 @@ class Supervisor:
     def log_lines(self, n: int) -> list[str]:
         return [format_request(r) for r in self.store.recent_requests(n)]
 
-    def _notify_status(self) -> None:
-        self.notifier.notify(f"STATUS={self.status_line()}")
-
-    def _healthy(self) -> bool:
-        dead = self.watch.check()
-        if dead:
-            log.error("not healthy: the %s thread(s) are dead", ", ".join(dead))
-            return False
-        if self.engine.busy:
-            return time.monotonic() - self.engine.last_progress < self.cfg.engine.progress_timeout
-        return True
-
-    def loading(self) -> str:
-        """For the console's banner and prompt: what is loading and for how long; "" once a model answers."""
-        if self.ready_sent and self.keeper.ready.is_set():
-            return ""
-        k = self.keeper
-        since = time.monotonic() - self.started
-        if k.es.state in (KeeperState.FAILED, KeeperState.DEGRADED) and not k.ready.is_set():
-            return f"{k.es.state.value}: {k.es.reason} (see /status)"
-        what = k.es.reason or f"loading {k.target.name}"
-        if k.ready.is_set() and not self.ready_sent:
-            what = f"{k.target.name} loaded, self-test running"
-        return f"{what}, {since:.0f} s"
-
     # -- lifecycle -----------------------------------------------------------------------------------------
     def _stop_by(self, why: str) -> None:
         if not self.stop_reason:
@@ -375,36 +279,32 @@ class Supervisor:
         self.keeper.start()
         self.scheduler.start()
         self.governor.start()  # governor (issue 4)
-        self.watch.add("engine-keeper", self.keeper.alive)
-        self.watch.add("scheduler", self.scheduler.alive)
-        self.watch.add("governor", self.governor.alive, self.governor.restart)
-        self.watch.add("voice", self.voice.alive, self.voice.restart)
+        self.readiness.watch.add("engine-keeper", self.keeper.alive)
+        self.readiness.watch.add("scheduler", self.scheduler.alive)
+        self.readiness.watch.add("governor", self.governor.alive, self.governor.restart)
+        self.readiness.watch.add("voice", self.voice.alive, self.voice.restart)
         if self.console is not None:
             self.console.start()
-            self.watch.add("console", self.console.alive, self.console.restart)
+            self.readiness.watch.add("console", self.console.alive, self.console.restart)
         if self.control is not None:
             try:
                 self.control.start()
-                self.watch.add("control", self.control.alive, self.control.restart)
+                self.readiness.watch.add("control", self.control.alive, self.control.restart)
             except UserError as e:
                 log.error("%s", e)
                 self.store.event("control_socket_failed", str(e))
                 self.control = None
-        self._wait_until_steady()
+        self.readiness.wait_until_steady()
+        if self.readiness.ready_sent and not self.loaded.fallback and self.keeper.es.state is KeeperState.READY:
+            # This configuration ran: it is what a broken edit falls back to from now on.
+            try:
+                save_last_good(self.cfg, last_good_path(self.cfg.database.path))
+            except UserError as e:
+                log.warning("%s", e)
         if not self.stopping.is_set():
             # voice (issue 6): loading its models takes seconds on a slow board; the watchdog loop must not wait.
             threading.Thread(target=self.voice.start_when_present, name="voice-start", daemon=True).start()
-        interval = watchdog_interval()
-        last_ping = 0.0
-        while not self.stopping.wait(0.5):
-            now = time.monotonic()
-            if now - last_ping >= interval:
-                if self._healthy():
-                    self.notifier.notify("WATCHDOG=1")
-                else:
-                    log.error("not healthy: withholding the watchdog ping")
-                self._notify_status()
-                last_ping = now
+        self.readiness.keep_alive()
         return self.shutdown()
 
     def shutdown(self) -> int:
@@ -416,7 +316,7 @@ class Supervisor:
         def left(most: float) -> float:
             return max(0.05, min(most, deadline - time.monotonic()))
 
-        self.notifier.notify("STOPPING=1")
+        self.readiness.stopping_now()
         log.info("shutting down (%s)", self.stop_reason or "SIGTERM")
         self.scheduler.cancel_all()  # the answer being generated stops at its next token
         if self.console is not None:

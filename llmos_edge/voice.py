@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import numpy as np
 from llmos_edge.config import VoiceConfig
 from llmos_edge.errors import UserError
 from llmos_edge.scheduler import Refused, Request, Result, Scheduler
+from llmos_edge.status import MIB, Status
 from llmos_edge.voice_asr import COMMANDS, Heard, PocketsphinxRecognizer, Recognizer, WhisperRecognizer, read_questions
 from llmos_edge.voice_audio import RATE, Capture, Playback, probe_capture
 from llmos_edge.voice_tts import Synth, split_sentences
@@ -111,7 +111,7 @@ class Voice:
         cfg: VoiceConfig,
         scheduler: Scheduler,
         recorder: VoiceRecorder,
-        status: Callable[[], list[str]],
+        status: Callable[[], Status],
         max_tokens: int,
         *,
         realtime: bool = True,
@@ -323,7 +323,6 @@ class Voice:
         self.awake_until = time.monotonic() + self.cfg.listen_seconds if h.intent != "stop" else 0.0
 
     def _command(self, it: Interaction, intent: str) -> None:
-        lines = {k: v for k, _, v in (line.partition(": ") for line in self.status())}
         if intent == "stop":
             self._barge_in()  # an answer still queued or talking stops; the appliance then waits for the wake word
             it.outcome = "ok"
@@ -333,7 +332,7 @@ class Voice:
         elif intent == "help":
             text = help_text(self.cfg.wake_word)
         else:
-            text = spoken_status(intent, lines)
+            text = spoken_status(intent, self.status())
         it.outcome = "ok"
         self._say(it, text, remember=intent != "repeat")
 
@@ -421,26 +420,19 @@ class Voice:
             self.last_answer = it.answer
 
 
-def spoken_status(intent: str, lines: dict[str, str]) -> str:
-    """A sentence for the status commands, from the console's /status lines (one source of truth)."""
+def spoken_status(intent: str, s: Status) -> str:
+    """A sentence for the status commands, from the same Status the console renders."""
     if intent == "temperature":
-        t = lines.get("temperature", "unknown")
-        if t == "no thermal sensor":
+        if not s.temperatures:
             return "I have no temperature sensor."
-        return "Temperature: " + re.sub(r"(\d+(?:\.\d)?) C\b", r"\1 degrees", t) + "."
+        return "Temperature: " + ", ".join(f"{name} {c:.1f} degrees" for name, c in s.temperatures) + "."
     if intent == "memory":
-        m = re.search(r"available ([\d.]+) MiB of ([\d.]+) MiB", lines.get("memory", ""))
-        if not m:
-            return "I cannot read the memory figures."
-        return f"{float(m.group(1)):.0f} megabytes free of {float(m.group(2)):.0f}."
+        return f"{s.memory.available / MIB:.0f} megabytes free of {s.memory.total / MIB:.0f}."
     if intent == "uptime":
-        m = re.match(r"(\d+)h(\d+)m(\d+)s", lines.get("uptime", ""))
-        if not m:
-            return "I do not know how long I have been running."
-        h, mi, s = (int(g) for g in m.groups())
+        up = int(s.uptime_s)
+        h, mi, sec = up // 3600, up % 3600 // 60, up % 60
         parts = [f"{h} hours"] if h else []
         parts += [f"{mi} minutes"] if mi or h else []
-        return "I have been running for " + " ".join(parts or [f"{s} seconds"]) + "."
-    state = lines.get("state", "unknown")
-    model = lines.get("model", "").split(" (")[0]
-    return f"State {state}." + (f" Model {model}." if model else "")
+        return "I have been running for " + " ".join(parts or [f"{sec} seconds"]) + "."
+    state = s.state + (f", {s.reason}" if s.reason else "")
+    return f"State {state}." + (f" Model {s.model.name}." if s.model else "")

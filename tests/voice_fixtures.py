@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from llmos_edge.status import MIB, GovernorStatus, MemoryStatus, ModelStatus, Status, StoreStatus
 
 RATE = 16000
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-x-rp+m3"]
@@ -78,3 +81,24 @@ def resample(audio: npt.NDArray[np.int16], rate: int, to: int = RATE) -> npt.NDA
         check=True,
     )
     return np.frombuffer(raw.stdout, dtype=np.int16)
+
+
+def status_snapshot(**changes: object) -> Status:
+    """A ready appliance's Status, as the supervisor would take it, with `changes` applied."""
+    s = Status(
+        state="ready",
+        reason="",
+        model_file="llmos-tiny.gguf",
+        model=ModelStatus("llmos-tiny", "Q8_0", 1_480_000, 1_600_000, "/x.gguf"),
+        store=StoreStatus("llmos-tiny", "", False, 0, "/var/lib/llmos-edge/models", ""),
+        engine=None,
+        self_test="passed",
+        last=None,
+        memory=MemoryStatus(40 * MIB, 60 * MIB, int(1024.4 * MIB), 2048 * MIB),
+        temperatures=(("cpu-thermal", 52.5), ("gpu", 40.0)),
+        governor=GovernorStatus(True, 52.5, 70.0, "normal", 1.0, 0, (), ""),
+        voice="voice: off",
+        uptime_s=3723,
+        restarts=0,
+    )
+    return replace(s, **changes)  # type: ignore[arg-type]

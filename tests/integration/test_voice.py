@@ -17,7 +17,17 @@ from llmos_edge.scheduler import Request, Result
 from llmos_edge.voice import Interaction, Voice
 from llmos_edge.voice_asr import COMMANDS, PocketsphinxRecognizer
 from tests.integration.conftest import HELDOUT, Appliance, heldout
-from tests.voice_fixtures import RATE, SPEEDS, VOICES, alsa_devices, read_wav, render, resample, silence
+from tests.voice_fixtures import (
+    RATE,
+    SPEEDS,
+    VOICES,
+    alsa_devices,
+    read_wav,
+    render,
+    resample,
+    silence,
+    status_snapshot,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +80,7 @@ def run_pipeline(tmp: Path, clips: list[np.ndarray], **cfg: object) -> list[Inte
             VoiceConfig(**settings),  # type: ignore[arg-type]
             AnsweringScheduler(),  # type: ignore[arg-type]
             Rows(),
-            lambda: ["state: ready", "temperature: cpu-thermal 41.0 C"],
+            lambda: status_snapshot(temperatures=(("cpu-thermal", 41.0),)),
             32,
             realtime=False,
             capture_samples=len(audio),
@@ -237,7 +247,7 @@ def test_a_microphone_plugged_in_later_starts_voice(tmp_path: Path, monkeypatch:
         VoiceConfig(capture="mic", playback="speaker", wake_word=""),
         AnsweringScheduler(),  # type: ignore[arg-type]
         Rows(),
-        lambda: [],
+        status_snapshot,
         32,
         realtime=False,
         capture_samples=len(audio),

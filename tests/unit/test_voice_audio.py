@@ -13,7 +13,7 @@ from llmos_edge.voice import Voice
 from llmos_edge.voice_asr import NOISE_DB, PEAK, PocketsphinxRecognizer, WhisperRecognizer, conditioned
 from llmos_edge.voice_audio import probe_capture
 from llmos_edge.voice_vad import Endpointer, SileroVAD
-from tests.voice_fixtures import RATE, alsa_devices, render, silence
+from tests.voice_fixtures import RATE, alsa_devices, render, silence, status_snapshot
 
 
 def frames(audio: np.ndarray) -> list[bytes]:
@@ -80,9 +80,9 @@ def test_whisper_backend_without_a_model_file_is_a_one_line_error(tmp_path: Path
 def test_missing_capture_device_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert "cannot record from nosuchmic" in probe_capture("nosuchmic")
-    voice = Voice(VoiceConfig(capture="nosuchmic"), None, None, list, 8)  # type: ignore[arg-type]
+    voice = Voice(VoiceConfig(capture="nosuchmic"), None, None, status_snapshot, 8)  # type: ignore[arg-type]
     assert voice.start() is False and voice.status_line().startswith("voice: cannot record from nosuchmic")
-    assert Voice(VoiceConfig(enabled="off"), None, None, list, 8).status_line() == "voice: off"  # type: ignore[arg-type]
+    assert Voice(VoiceConfig(enabled="off"), None, None, status_snapshot, 8).status_line() == "voice: off"  # type: ignore[arg-type]
 
 
 def test_file_device_is_a_microphone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,11 @@ import pytest
 
 from llmos_edge.config import VoiceConfig, load_file
 from llmos_edge.errors import UserError
+from llmos_edge.status import lines as status_lines
 from llmos_edge.voice import help_text, spoken_status
 from llmos_edge.voice_asr import COMMANDS, command_of, normalise, read_questions
 from llmos_edge.voice_tts import speakable, split_sentences
+from tests.voice_fixtures import status_snapshot
 
 
 def test_answers_are_cut_at_clauses_so_speech_starts_before_the_answer_ends() -> None:
@@ -37,19 +39,22 @@ def test_every_command_is_in_the_spoken_help() -> None:
         assert phrases[0] in text
 
 
-def test_status_commands_speak_the_console_status_lines() -> None:
-    lines = {
-        "state": "ready",
-        "model": "llmos-tiny (Q8_0, 1.48M params, 1.6 MiB) /x.gguf",
-        "temperature": "cpu-thermal 52.5 C, gpu 40.0 C",
-        "memory": "supervisor 40.0 MiB, engine 60.0 MiB; available 1024.4 MiB of 2048.0 MiB",
-        "uptime": "1h02m03s; engine restarts: 0",
-    }
-    assert spoken_status("status", lines) == "State ready. Model llmos-tiny."
-    assert spoken_status("temperature", lines) == "Temperature: cpu-thermal 52.5 degrees, gpu 40.0 degrees."
-    assert spoken_status("memory", lines) == "1024 megabytes free of 2048."
-    assert spoken_status("uptime", lines) == "I have been running for 1 hours 2 minutes."
-    assert spoken_status("temperature", {"temperature": "no thermal sensor"}) == "I have no temperature sensor."
+def test_status_commands_speak_the_status_the_console_shows() -> None:
+    s = status_snapshot()
+    assert spoken_status("status", s) == "State ready. Model llmos-tiny."
+    assert spoken_status("temperature", s) == "Temperature: cpu-thermal 52.5 degrees, gpu 40.0 degrees."
+    assert spoken_status("memory", s) == "1024 megabytes free of 2048."
+    assert spoken_status("uptime", s) == "I have been running for 1 hours 2 minutes."
+    assert spoken_status("uptime", status_snapshot(uptime_s=42)) == "I have been running for 42 seconds."
+    assert spoken_status("temperature", status_snapshot(temperatures=())) == "I have no temperature sensor."
+    assert spoken_status("status", status_snapshot(state="degraded", reason="too hot", model=None)) == (
+        "State degraded, too hot."
+    )
+    # The console's lines come from the same snapshot: what voice says is what /status shows.
+    shown = status_lines(s)
+    assert "temperature: cpu-thermal 52.5 C, gpu 40.0 C" in shown
+    assert "memory: supervisor 40.0 MiB, engine 60.0 MiB; available 1024.4 MiB of 2048.0 MiB" in shown
+    assert "uptime: 1h02m03s; engine restarts: 0" in shown
 
 
 def test_questions_file_skips_comments_and_blank_lines(tmp_path: Path) -> None:
