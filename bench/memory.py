@@ -1,78 +1,29 @@
 """The pre-flight memory estimate (llmos_edge.models.estimate_memory, from the GGUF header alone) against the engine
-worker's measured peak RSS, for several models and contexts.
+worker's measured peak RSS, for the project's own models (the default model and the 25M/50M/85M speed models) at
+contexts 512 and 2048.
 
-Each case starts the real engine worker (the same process the supervisor runs), sends a prompt that nearly fills
-the context (so llama.cpp touches its whole KV cache and compute buffer, the peak of normal use), and samples the
-worker's RSS with psutil while it answers. Target: every estimate within 15% of the measured peak (TOLERANCE); exits 1
-and prints MISSED when the worst is not. The integration test tests/integration/test_governor.py uses `measure` with
-the same limit.
+The measurement is bench/models.py's `measure` (the same one the architecture matrix uses): a fresh worker, a
+prompt that fills most of the context, the worker's VmHWM after the answer. Target: every estimate within 15% of
+the measured peak (TOLERANCE); exits 1 and prints MISSED when the worst is not. tests/integration/test_governor.py
+checks the same limit at context 512.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.models import Run, measure
 from bench.report import begin
-from llmos_edge.engine import Engine, EngineSettings
-from llmos_edge.models import MIB, MemoryEstimate, estimate_memory, read_gguf
+from llmos_edge.models import MIB
 
 CACHE_MODELS = Path.home() / ".cache" / "llmos-edge" / "models"
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
-
-
-@dataclass
-class Case:
-    model: Path
-    n_ctx: int
-    estimate: MemoryEstimate
-    rss: int
-    tokens_in: int
-
-    @property
-    def error(self) -> float:
-        return (self.estimate.total - self.rss) / self.rss
-
-
-def measure(model: Path, n_ctx: int, threads: int = 2) -> Case:
-    info = read_gguf(model)
-    est = estimate_memory(info, n_ctx)
-    engine = Engine(
-        EngineSettings(model_path=str(model), n_ctx=n_ctx, n_threads=threads), load_timeout=300, progress_timeout=600
-    )
-    engine.start()
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):
-            try:
-                peak = max(peak, psutil.Process(engine.pid or 0).memory_info().rss)
-            except psutil.Error:
-                return
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        # Most of the context: character-level text is about one token per character for these models.
-        n_chars = est.n_ctx - 48
-        prompt = ("the quick brown fox jumps over the lazy dog " * (n_chars // 40 + 1))[:n_chars]
-        stats = engine.generate(prompt, 8, lambda _t: None, lambda: False)
-        peak = max(peak, psutil.Process(engine.pid or 0).memory_info().rss)
-    finally:
-        done.set()
-        sampler.join()
-        engine.stop()
-    return Case(model, n_ctx, est, peak, stats.tokens_in)
+CONTEXTS = (512, 2048)
 
 
 def default_models() -> list[Path]:
@@ -84,18 +35,19 @@ def default_models() -> list[Path]:
     ]
 
 
-def table(cases: list[Case]) -> str:
+def table(runs: list[Run]) -> str:
     rows = [
         "| model | params | quant | context | prompt tokens | weights + repack | KV | compute | runtime "
         "| estimate | measured peak RSS | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in cases:
-        e, info = c.estimate, read_gguf(c.model)
+    for r in runs:
+        e, info = r.estimate, r.info
         rows.append(
-            f"| {c.model.name} | {info.n_params / 1e6:.1f}M | {info.quantization} | {e.n_ctx} | {c.tokens_in} "
+            f"| {r.model.name} | {info.n_params / 1e6:.1f}M | {info.quantization} | {e.n_ctx} | {r.stats.tokens_in} "
             f"| {(e.weights + e.repacked) / MIB:.1f} MiB | {e.kv_cache / MIB:.1f} MiB | {e.compute / MIB:.1f} MiB "
-            f"| {e.runtime / MIB:.0f} MiB | {e.total / MIB:.1f} MiB | {c.rss / MIB:.1f} MiB | {c.error * 100:+.1f}% |"
+            f"| {e.runtime / MIB:.0f} MiB | {e.total / MIB:.1f} MiB | {r.peak_rss / MIB:.1f} MiB "
+            f"| {r.error * 100:+.1f}% |"
         )
     return "\n".join(rows) + "\n"
 
@@ -117,17 +69,17 @@ def main() -> int:
         print(f"none of the models exists ({wanted}); `make speed-model` builds the default ones", file=sys.stderr)
         return 2
     report = begin()
-    cases = []
+    runs = []
     for m in models:
-        for ctx in args.context or [512, 2048]:
-            c = measure(m, ctx)
-            cases.append(c)
+        for ctx in args.context or CONTEXTS:
+            r = measure(m, ctx)
+            runs.append(r)
             print(
-                f"{m.name} ctx {c.estimate.n_ctx}: estimate {c.estimate.total / MIB:.1f} MiB, measured "
-                f"{c.rss / MIB:.1f} MiB, error {c.error * 100:+.1f}%",
+                f"{m.name} ctx {r.estimate.n_ctx}: estimate {r.estimate.total / MIB:.1f} MiB, measured "
+                f"{r.peak_rss / MIB:.1f} MiB, error {r.error * 100:+.1f}%",
                 flush=True,
             )
-    worst = max(cases, key=lambda c: abs(c.error))
+    worst = max(runs, key=lambda r: abs(r.error))
     report.verdict(
         f"worst memory estimate error ({worst.model.name} at context {worst.estimate.n_ctx})",
         f"{worst.error * 100:+.1f}%",
@@ -140,9 +92,9 @@ def main() -> int:
             "Memory estimate from the GGUF header vs measured worker RSS",
             "make bench-memory (python bench/memory.py --write)",
             "The estimate (`llmos_edge.models.estimate_memory`) is computed from the header before loading; the "
-            "measurement is the engine worker's peak RSS (psutil) while it answers a prompt that nearly fills the "
+            "measurement is the engine worker's peak RSS (VmHWM) after it answers a prompt that fills most of the "
             "context. Error = (estimate - measured) / measured.\n\n"
-            + table(cases)
+            + table(runs)
             + f"\n**Worst error: {abs(worst.error) * 100:.1f}%** (target: within {TOLERANCE:.0%})\n",
         )
     return report.exit_code()

@@ -29,6 +29,9 @@ CONTEXTS = (256, 1024)
 TOLERANCE = 0.10
 ENV = "LLMOS_ARCH_MODELS"  # the directory `make arch-models` writes
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank. "
+# The long prompt opens differently from the probes: llama-cpp-python reuses the cached prefix a prompt shares with
+# the one before, and then only the new tail goes through the compute buffer (the peak measured 9% low that way).
+OPENING = "Every morning a lazy dog sleeps by the river bank, far from the quick fox. "
 ANSWER_TOKENS = 32
 
 
@@ -80,7 +83,7 @@ def measure(model: Path, n_ctx: int, threads: int = 2, info: GGUFInfo | None = N
         five = _ask(engine, SENTENCE * 5, 1).tokens_in
         per_sentence = max(1.0, (five - probe.tokens_in) / 4)
         room = estimate.n_ctx - ANSWER_TOKENS - 16 - (probe.tokens_in - per_sentence)
-        stats = _ask(engine, SENTENCE * max(1, int(room / per_sentence)), ANSWER_TOKENS)
+        stats = _ask(engine, OPENING + SENTENCE * max(0, int(room / per_sentence) - 1), ANSWER_TOKENS)
         peak = peak_rss(engine.pid or 0)
     finally:
         engine.stop()
