@@ -154,6 +154,48 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = setting(
+        False,
+        "Serve the HTTP API (OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models), /health, "
+        "/metrics and the status page at /. Off by default: the appliance opens no network port unless asked.",
+    )
+    listen: str = setting(
+        "127.0.0.1:8080",
+        "Address and port to listen on, HOST:PORT (`0.0.0.0:8080` for every interface; `[::1]:8080` for IPv6).",
+    )
+    token: str = setting(
+        "",
+        "Bearer token every request but /health must carry (`Authorization: Bearer TOKEN`; a browser may give it "
+        "as the password of HTTP basic auth). Required when http.listen is not a loopback address.",
+    )
+    priority: str = setting(
+        "interactive",
+        "Scheduling class of an HTTP request that does not name one (the `priority` field of its body).",
+        choices=("interactive", "background"),
+    )
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """HOST:PORT (or [V6]:PORT) as (host, port); None when it is not one."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _loopback_only(listen: str) -> bool:
+    hp = split_listen(listen)
+    return hp is not None and is_loopback(hp[0])
+
+
+@dataclass(frozen=True)
 class GovernorConfig:
     enabled: bool = setting(True, "Hold the thermal and memory budgets below; false leaves the engine unthrottled.")
     sensors_root: str = setting(
@@ -277,6 +319,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     voice: VoiceConfig = field(default_factory=VoiceConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 _SECTION_TYPES: dict[str, type[Any]] = {
@@ -288,6 +331,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "scheduler": SchedulerConfig,
     "governor": GovernorConfig,
     "voice": VoiceConfig,
+    "http": HttpConfig,
 }
 
 
@@ -313,6 +357,19 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        ("http.listen",),
+        lambda c: split_listen(c.http.listen) is not None,
+        "http.listen must be HOST:PORT",
+        "for example 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080",
+    ),
+    Rule(
+        ("http.enabled", "http.listen", "http.token"),
+        lambda c: not c.http.enabled or bool(c.http.token) or _loopback_only(c.http.listen),
+        "http.token must be set when http.enabled listens beyond loopback",
+        "anyone on the network could use the model and read its requests; set http.token (a long random string, "
+        "e.g. from `openssl rand -hex 16`), or listen on 127.0.0.1",
+    ),
     Rule(
         ("model.max_tokens", "model.context"),
         lambda c: c.model.max_tokens < c.model.context,

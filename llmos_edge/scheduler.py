@@ -35,6 +35,10 @@ CLASSES: tuple[Priority, ...] = ("interactive", "background")
 class Refused(Exception):
     """The request was not accepted; the message says why and what to do."""
 
+    def __init__(self, message: str, retry_after_s: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when trying again may work (HTTP's Retry-After); 0: not known
+
 
 class EngineLike(Protocol):
     def generate(
@@ -65,6 +69,7 @@ class Result:
     error: str = ""
     stats: GenerationStats = field(default_factory=GenerationStats)
     queue_wait_s: float = 0.0
+    retry_after_s: int = 0  # refused for being busy: when trying again may work
 
 
 _ids = itertools.count(1)
@@ -79,6 +84,12 @@ class Request:
     on_token: Callable[[str], None] = lambda _t: None
     on_done: Callable[[Result], None] = lambda _r: None
     deadline_s: float | None = None  # longest wait in the queue; None: the scheduler's default for the class
+    temperature: float | None = None  # None: the configured model.temperature
+    seed: int | None = None  # None: the configured model.seed
+    # A chat (HTTP's /v1/chat/completions): the whole conversation for the model's chat template; `prompt` is then
+    # its last user message, for the request's row. Empty: `prompt` is one question.
+    messages: tuple[dict[str, str], ...] = ()
+    raw: bool = False  # HTTP's /v1/completions: the prompt as it is, no chat template
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -117,6 +128,7 @@ class Scheduler:
         memory_mb: Callable[[], float] = lambda: 0.0,
         admit: Callable[[Request], str | None] = lambda _r: None,
         unavailable: Callable[[], str] = lambda: "",
+        observe: Callable[[Request, Result], None] = lambda _req, _res: None,
     ) -> None:
         self.engine = engine
         self.recorder = recorder
@@ -131,6 +143,7 @@ class Scheduler:
         # While no engine is ready: "" if one is coming (loading, restarting: the request waits, up to its
         # deadline), else why none will come without a person (then the request is answered at once).
         self.unavailable = unavailable
+        self.observe = observe  # told of every finished request (the metrics)
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
         self._stopping = False
@@ -176,11 +189,10 @@ class Scheduler:
             if self._stopping:
                 raise Refused("shutting down; try again after the restart")
             if sum(len(q) for q in self._queues.values()) >= self.queue_size:
-                msg = (
-                    f"busy: the queue is full ({self.queue_size} requests); try again in {self._eta(self.queue_size)} s"
-                )
-                self._finish(req, Result("refused", error=msg))
-                raise Refused(msg)
+                eta = self._eta(self.queue_size)
+                msg = f"busy: the queue is full ({self.queue_size} requests); try again in {eta} s"
+                self._finish(req, Result("refused", error=msg, retry_after_s=eta))
+                raise Refused(msg, eta)
             if req.deadline_s is None:
                 req.deadline_s = self.deadlines.get(req.priority)
             self._queues[req.priority].append(req)
@@ -212,13 +224,15 @@ class Scheduler:
             for r in [r for r in q if r.deadline_s is not None and now - r.created > r.deadline_s and not r.paused]:
                 q.remove(r)
                 ahead = sum(len(x) for x in self._queues.values()) + (self.current is not None)
+                eta = self._eta(ahead)
                 self._finish(
                     r,
                     Result(
                         "refused",
                         error=f"busy: waited {now - r.created:.1f} s for the engine (deadline {r.deadline_s:g} s);"
-                        f" try again in {self._eta(ahead)} s",
+                        f" try again in {eta} s",
                         queue_wait_s=now - r.created,
+                        retry_after_s=eta,
                     ),
                 )
 
@@ -286,8 +300,8 @@ class Scheduler:
                 req.max_tokens,
                 req.on_token,
                 lambda: req.cancelled,
-                temperature=self.temperature,
-                seed=self.seed,
+                temperature=self.temperature if req.temperature is None else req.temperature,
+                seed=self.seed if req.seed is None else req.seed,
                 job=req.id,
                 resume=req.paused,
                 preempt=lambda: self._should_preempt(req),
@@ -325,7 +339,7 @@ class Scheduler:
                 return False
             if req.deadline_s is not None and waited > req.deadline_s:
                 msg = f"busy: waited {waited:.1f} s for the model to load (deadline {req.deadline_s:g} s); see /status"
-                self._finish(req, Result("refused", error=msg, queue_wait_s=waited))
+                self._finish(req, Result("refused", error=msg, queue_wait_s=waited, retry_after_s=5))
                 return False
         return True
 
@@ -355,6 +369,10 @@ class Scheduler:
             )
         except Exception:
             log.exception("could not record request %d", req.id)
+        try:
+            self.observe(req, result)
+        except Exception:
+            log.exception("could not observe request %d", req.id)
         req._done.set()
         try:
             req.on_done(result)

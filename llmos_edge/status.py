@@ -71,6 +71,7 @@ class GovernorStatus:
 class Status:
     state: str  # starting, loading, ready, degraded, failed ... (what a person is told)
     reason: str
+    serving: bool  # a model is loaded and has passed its self-test: requests are answered now
     model_file: str  # what the engine loaded, or the configured file's name before it has loaded
     model: ModelStatus | None
     store: StoreStatus

@@ -25,7 +25,9 @@ from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineSettings, default_threads
 from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
+from llmos_edge.http_api import HttpApi
 from llmos_edge.keeper import Keeper, KeeperState
+from llmos_edge.metrics import Metrics
 from llmos_edge.model_store import ModelStore
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
 from llmos_edge.readiness import Readiness
@@ -97,6 +99,8 @@ class Supervisor:
             started=self.started,
             summary=lambda: status_summary(self.status()),
         )
+        # http (issue 13): counters fed by the scheduler as requests finish, gauges read from status() per scrape
+        self.metrics = Metrics(self.status) if c.http.enabled else None
         self.scheduler = Scheduler(
             self.engine,
             self.store,
@@ -109,6 +113,7 @@ class Supervisor:
             memory_mb=self._engine_rss_mb,
             admit=self.governor.admit,  # governor (issue 4)
             unavailable=self.keeper.unavailable,
+            observe=self.metrics.observe if self.metrics else lambda _req, _res: None,
         )
         self.keeper.submit = self.scheduler.submit
         self.control: ControlServer | None = None
@@ -131,6 +136,9 @@ class Supervisor:
                 model=self.model_command,
                 loading=self.readiness.loading,
             )
+        self.http: HttpApi | None = None
+        if self.metrics is not None:
+            self.http = HttpApi(c.http, self.scheduler, self.status, self.metrics, max_tokens=c.model.max_tokens)
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
@@ -174,6 +182,7 @@ class Supervisor:
         return Status(
             state=self.readiness.shown_state(),
             reason=k.es.reason,
+            serving=self.readiness.ready_sent and k.ready.is_set(),
             model_file=info.model or Path(self.cfg.model.path).name,
             model=None if m is None else ModelStatus(m.name, m.quantization, m.n_params, m.file_size, str(m.path)),
             store=StoreStatus(
@@ -286,6 +295,14 @@ class Supervisor:
         if self.console is not None:
             self.console.start()
             self.readiness.watch.add("console", self.console.alive, self.console.restart)
+        if self.http is not None:
+            try:
+                self.http.start()
+                self.readiness.watch.add("http", self.http.alive, self.http.restart)
+            except UserError as e:
+                log.error("%s", e)
+                self.store.event("http_failed", str(e))
+                self.http = None
         if self.control is not None:
             try:
                 self.control.start()
@@ -325,6 +342,8 @@ class Supervisor:
             self.console.stop(left(0.5))
         if self.control is not None:
             self.control.stop()
+        if self.http is not None:
+            self.http.stop()
         self.governor.stop(left(0.5))  # governor (issue 4)
         self.voice.stop()  # voice (issue 6)
         self.scheduler.stop(timeout=left(1.0))

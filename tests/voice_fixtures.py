@@ -88,6 +88,7 @@ def status_snapshot(**changes: object) -> Status:
     s = Status(
         state="ready",
         reason="",
+        serving=True,
         model_file="llmos-tiny.gguf",
         model=ModelStatus("llmos-tiny", "Q8_0", 1_480_000, 1_600_000, "/x.gguf"),
         store=StoreStatus("llmos-tiny", "", False, 0, "/var/lib/llmos-edge/models", ""),
