@@ -29,7 +29,7 @@ from bench.report import begin
 BUDGET_MIB = 15.0
 CANDIDATES = ("stdlib", "aiohttp", "starlette+uvicorn")
 
-_SERVER = r'''
+_SERVER = r"""
 import os, sys, json, time
 import psutil, sqlite_utils, yaml, serial  # what the supervisor has loaded anyway
 def vm(key):
@@ -92,7 +92,7 @@ else:
         report(); return PlainTextResponse("ok")
     app = Starlette(routes=[Route("/report", rep), Route("/s", stream)])
     print("up", flush=True); uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-'''
+"""
 
 
 def _free_port() -> int:
