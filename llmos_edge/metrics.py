@@ -26,7 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # The `_created` series (a timestamp per counter) double the output and tell a scraper nothing the supervisor's
 # uptime does not; the process exports no other registry.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _StatusCollector(Collector):

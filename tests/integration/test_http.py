@@ -1,0 +1,269 @@
+"""The HTTP front-end with real clients: the official `openai` package, plain sockets for what a client library
+hides, and prometheus_client's own parser for /metrics; against the real supervisor, engine and model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import Appliance, catch_worker_while_loading
+from tests.integration.test_engine import SPEED_MODEL
+
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_config(port: int, extra: str = "", token: str = TOKEN) -> str:
+    return f"http:\n  enabled: true\n  listen: 127.0.0.1:{port}\n  token: {token}\n{extra}"
+
+
+def call(
+    port: int, path: str, body: Any = None, token: str | None = TOKEN, raw: bytes | None = None, method: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method or None)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def client(port: int, token: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def rows(db: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as c:
+        return c.execute(sql, args).fetchall()
+
+
+@pytest.fixture
+def served(appliance_factory: type[Appliance]) -> tuple[Appliance, int]:
+    port = free_port()
+    app = appliance_factory(config=http_config(port))
+    app.wait_ready()
+    return app, port
+
+
+def test_the_openai_package_chats_streams_completes_and_lists_models(served: tuple[Appliance, int]) -> None:
+    app, port = served
+    c = client(port)
+    assert [m.id for m in c.models.list()] == ["llmos-tiny"]
+
+    reply = c.chat.completions.create(model="anything", messages=[{"role": "user", "content": "ping"}])
+    assert reply.choices[0].message.content == "pong"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = c.chat.completions.create(model="llmos-tiny", messages=question)  # type: ignore[arg-type]
+    pieces, finish, usage = [], None, None
+    stream = c.chat.completions.create(
+        model="llmos-tiny",
+        messages=question,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert len([p for p in pieces if p]) > 1, "the answer arrived in one piece: not streamed"
+    assert "".join(pieces) == whole.choices[0].message.content  # greedy: the same answer either way
+    assert finish == "stop" and usage is not None and usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+    done = c.completions.create(model="llmos-tiny", prompt="The capital of France is", max_tokens=5)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5  # type: ignore[union-attr]
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(model="llmos-tiny", prompt="The capital of France is", max_tokens=5, stream=True)
+        if ch.choices
+    )
+    assert streamed == done.choices[0].text
+
+    # A stop sequence cuts the answer where it first appears, and ends the generation there.
+    full = whole.choices[0].message.content or ""
+    cut = full.split(" ")[1]
+    stopped = c.chat.completions.create(model="llmos-tiny", messages=question, stop=[cut])  # type: ignore[arg-type]
+    assert stopped.choices[0].message.content == full[: full.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+    # Each request went through the scheduler and is in the database, as the HTTP front-end's.
+    n = rows(app.db, "SELECT count(*) FROM requests WHERE source = 'http' AND outcome IN ('ok', 'cancelled')")[0][0]
+    assert n >= 6
+
+
+def test_tokens_errors_and_the_shape_of_every_refusal(served: tuple[Appliance, int]) -> None:
+    _app, port = served
+    with pytest.raises(openai.AuthenticationError):
+        client(port, token="wrong").models.list()
+    code, headers, body = call(port, "/v1/models", token=None)
+    assert code == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    assert headers["WWW-Authenticate"] == "Bearer"
+    assert call(port, "/health", token=None)[0] == 200  # health needs no token: probes have none
+    code, _, body = call(port, "/metrics", token=None)
+    assert code == 401
+
+    bad = {
+        b"{not json": "not valid JSON",
+        json.dumps({"messages": "hi"}).encode(): "messages must be",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(): "role must be",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(): "temperature",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 3}).encode(): "n must be 1",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(): "max_tokens",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).encode(): "tool",
+        json.dumps([1, 2]).encode(): "JSON object",
+    }
+    for raw, says in bad.items():
+        code, _, body = call(port, "/v1/chat/completions", raw=raw)
+        err = json.loads(body)["error"]
+        assert code == 400 and says in err["message"] and err["type"] == "invalid_request_error", (raw, body)
+        assert set(err) == {"code", "message", "type"} and err["code"] == 400
+    code, _, body = call(port, "/v1/completions", raw=b"x" * (2 << 20))
+    assert code == 413
+    assert call(port, "/v1/nothing")[0] == 404
+    assert call(port, "/v1/chat/completions", method="GET")[0] == 405
+    # The server is still there for everyone after all that.
+    assert client(port).chat.completions.create(model="m", messages=[{"role": "user", "content": "ping"}])
+
+
+def test_a_token_is_required_beyond_loopback(tmp_path: Path) -> None:
+    cfg = tmp_path / "llmos.yaml"
+    cfg.write_text("http:\n  enabled: true\n  listen: 0.0.0.0:8080\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos_edge.cli", "check-config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and "http.token must be set" in out.stderr, out.stderr
+
+
+def test_health_and_the_api_say_503_while_the_model_loads(appliance_factory: type[Appliance]) -> None:
+    port = free_port()
+    app = appliance_factory(config=http_config(port))
+    pid = catch_worker_while_loading(app, signal.SIGSTOP)  # the worker stays "loading"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            code, headers, body = call(port, "/health", token=None)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, "the HTTP server never answered while the model loaded"
+            time.sleep(0.1)
+    assert code == 503 and int(headers["Retry-After"]) > 0
+    assert json.loads(body)["status"] in ("starting", "loading")
+    code, headers, body = call(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "ping"}]})
+    assert code == 503 and int(headers["Retry-After"]) > 0
+    assert json.loads(body)["error"]["type"] == "unavailable_error"
+    assert call(port, "/metrics")[0] == 200  # the device's figures are there while the model loads
+    os.kill(pid, signal.SIGCONT)
+    app.wait_ready()
+    assert call(port, "/health", token=None)[0] == 200
+
+
+@pytest.fixture
+def slow(appliance_factory: type[Appliance]) -> tuple[Appliance, int]:
+    """The 50M speed model: answers long enough to fill a queue and to be walked away from."""
+    if not SPEED_MODEL.exists():
+        pytest.fail(f"{SPEED_MODEL} is missing; `make speed-model` builds it")
+    port = free_port()
+    app = appliance_factory(
+        config=http_config(port),
+        override="model:\n  max_tokens: 400\nscheduler:\n  queue_size: 1\n",
+        model=SPEED_MODEL,
+    )
+    app.wait_ready(120)
+    return app, port
+
+
+def queued(app: Appliance) -> int:
+    """Requests waiting, as /status shows them."""
+    return sum(int(n) for n in re.findall(r"\d+", app.console.status().get("queue", "")))
+
+
+def test_a_full_queue_is_503_with_retry_after_and_a_client_that_leaves_cancels(slow: tuple[Appliance, int]) -> None:
+    app, port = slow
+    body = {"model": "m", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "stream": True}
+    # One streaming request runs; read its first chunks, then hang up.
+    s = socket.create_connection(("127.0.0.1", port))
+    payload = json.dumps(body).encode()
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    got = b""
+    while got.count(b"data: ") < 4:
+        got += s.recv(4096)
+    assert b"200 OK" in got.split(b"\r\n")[0]
+    # While it runs, one more waits (queue_size 1) and the next is refused at once.
+    waiting: list[tuple[int, dict[str, str], bytes]] = []
+    t = threading.Thread(
+        target=lambda: waiting.append(call(port, "/v1/chat/completions", {**body, "stream": False, "max_tokens": 16}))
+    )
+    t.start()
+    deadline = time.monotonic() + 20
+    while queued(app) < 1:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.1)
+    code, headers, refused = call(port, "/v1/chat/completions", body)
+    assert code == 503, refused
+    assert int(headers["Retry-After"]) >= 1
+    assert "queue is full" in json.loads(refused)["error"]["message"]
+    # The streaming client walks away: its request is cancelled, long before its 400 tokens.
+    s.close()
+    t.join(120)
+    assert waiting and waiting[0][0] == 200, waiting
+    outcomes = rows(app.db, "SELECT outcome, tokens_out FROM requests WHERE source = 'http' ORDER BY id")
+    assert [o for o, _ in outcomes] == ["refused", "cancelled", "ok"], outcomes  # in the order they finished
+    assert 0 < outcomes[1][1] < 400, outcomes
+
+
+def test_metrics_parse_and_count_what_happened(served: tuple[Appliance, int]) -> None:
+    _app, port = served
+    c = client(port)
+    for _ in range(3):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "ping"}])
+    code, headers, body = call(port, "/metrics")
+    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = [s for f in families.values() for s in f.samples]
+
+    def value(name: str, **labels: str) -> float:
+        found = [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        assert found, f"no {name} {labels} in /metrics"
+        return sum(s.value for s in found)
+
+    assert value("llmos_requests_total", source="http", outcome="ok") == 3
+    assert value("llmos_generated_tokens_total", source="http") > 0
+    assert value("llmos_time_to_first_token_seconds_count", priority="interactive") >= 3
+    assert value("llmos_ready") == 1
+    assert {s.labels["class"] for s in families["llmos_queue_depth"].samples} == {"interactive", "background"}
+    for name in ("llmos_cpu_share", "llmos_memory_bytes", "llmos_engine_restarts", "llmos_temperature_celsius"):
+        assert name in families, name  # (a family's name: counters' without _total)
+    assert value("llmos_memory_bytes", process="engine") > 10 * 2**20
