@@ -79,6 +79,7 @@ class Request:
     on_token: Callable[[str], None] = lambda _t: None
     on_done: Callable[[Result], None] = lambda _r: None
     deadline_s: float | None = None  # longest wait in the queue; None: the scheduler's default for the class
+    temperature: float | None = None  # None: the scheduler's default (model.temperature)
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -286,7 +287,7 @@ class Scheduler:
                 req.max_tokens,
                 req.on_token,
                 lambda: req.cancelled,
-                temperature=self.temperature,
+                temperature=self.temperature if req.temperature is None else req.temperature,
                 seed=self.seed,
                 job=req.id,
                 resume=req.paused,
