@@ -224,8 +224,3 @@ def test_the_documented_example_program_works(cable: tuple[Appliance, Program]) 
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["ping -> pong", "reverse stone -> enots"], out.stdout
-
-
-def test_the_example_in_the_docs_is_the_example_program() -> None:
-    doc = (REPO / "docs" / "protocol.md").read_text()
-    assert (REPO / "examples" / "serial_client.py").read_text() in doc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,9 @@ def test_the_status_event_carries_the_snapshot_and_its_lines_and_no_nan() -> Non
     ]
     assert event["status"]["memory"]["total"] == s.memory.total
     assert event["lines"][0].startswith("state: ")
+
+
+def test_the_example_in_the_docs_is_the_example_program() -> None:
+    """docs/protocol.md shows examples/serial_client.py whole; the integration tests run that file."""
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "examples" / "serial_client.py").read_text() in (repo / "docs" / "protocol.md").read_text()
