@@ -151,20 +151,19 @@ def _socket(args: argparse.Namespace) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     from llmos_edge.control import call
 
-    msg = {"op": "submit", "prompt": args.prompt, "priority": args.priority, "wait": not args.no_wait}
+    msg: dict[str, object] = {"op": "submit", "id": 1, "prompt": args.prompt, "priority": args.priority}
     if args.max_tokens:
         msg["max_tokens"] = args.max_tokens
     done: dict[str, object] = {}
-    for reply in call(_socket(args), msg):
-        if "accepted" in reply and args.no_wait:
-            print(f"accepted as request {reply['accepted']}")
-        elif "token" in reply:
-            sys.stdout.write(reply["token"])
+    for event in call(_socket(args), msg):
+        if event["event"] == "accepted" and args.no_wait:
+            print(f"accepted as request {event['request']}")
+            return 0  # closing the connection leaves the request running
+        if event["event"] == "token":
+            sys.stdout.write(event["text"])
             sys.stdout.flush()
-        elif "done" in reply:
-            done = reply["done"]
-    if args.no_wait:
-        return 0
+        elif event["event"] == "done":
+            done = event
     print()
     if args.json:
         print(json.dumps(done), file=sys.stderr)
@@ -180,11 +179,11 @@ def cmd_model(args: argparse.Namespace) -> int:
     words = [args.action, *([str(Path(args.arg).resolve())] if args.action == "install" and args.arg else [])]
     if args.action != "install" and args.arg:
         words.append(args.arg)
-    for reply in call(_socket(args), {"op": "model", "args": " ".join(words)}):
-        if "progress" in reply:
-            print(f"[{reply['progress']}]", file=sys.stderr)
-        elif "done" in reply:
-            lines = reply["done"]["lines"]
+    for event in call(_socket(args), {"op": "model", "args": " ".join(words)}):
+        if event["event"] == "progress":
+            print(f"[{event['text']}]", file=sys.stderr)
+        elif event["event"] == "model":
+            lines = event["lines"]
             print("\n".join(lines))
             return 1 if any(" failed its gate " in line for line in lines) else 0
     return 0
@@ -193,8 +192,11 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from llmos_edge.control import call
 
-    for reply in call(_socket(args), {"op": "status"}, timeout=10):
-        print("\n".join(reply["status"]))
+    for event in call(_socket(args), {"op": "status"}, timeout=10):
+        if args.json:
+            print(json.dumps(event["status"], indent=2))
+        else:
+            print("\n".join(event["lines"]))
     return 0
 
 
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the running supervisor's /status")
     st.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
     st.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    st.add_argument("--json", action="store_true", help="the structured snapshot as JSON (docs/protocol.md)")
     st.set_defaults(func=cmd_status)
 
     ref = sub.add_parser("config-reference", help="print every config key with its default, as Markdown")

@@ -3,6 +3,10 @@
 Human mode: the prompt `llmos> `; a typed line is a question whose answer streams token by token; commands start
 with `/`. This is not a login shell: nothing typed here reaches a shell. Line noise is expected on serial lines, so
 over-long lines, invalid UTF-8, control bytes and bursts are dropped with a (rate-limited) notice, never a crash.
+
+Machine mode: `/json` switches the same port to the JSON-lines envelope of docs/protocol.md (machine.py serves it):
+no echo, no prompt, one JSON object per line each way, several requests in flight; `{"op": "exit"}` or `/human`
+switches back. A person and a program can so share one serial line.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from typing import Protocol
 
 import serial
 
+from llmos_edge import protocol
 from llmos_edge.errors import UserError
+from llmos_edge.machine import Session
+from llmos_edge.protocol import Event
 from llmos_edge.scheduler import Refused, Request, Result, Scheduler
+from llmos_edge.status import Status
+from llmos_edge.status import lines as status_lines
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,9 @@ Commands:
   /logs [N]    the last N requests (default 5)
   /cancel      stop the answer being generated (Ctrl-C does the same)
   /model       the installed models; /model install PATH, /model activate NAME, /model rollback,
-               /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)"""
+               /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)
+  /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back"""
+LEAVE_S = 5.0  # leaving machine mode: how long the cancelled requests' done events are waited for
 
 # What a model generates is printed raw to someone's terminal: strip C0 controls (ESC sequences could restyle or
 # rewrite the terminal) except newline and tab.
@@ -208,7 +219,7 @@ class Console:
         max_line: int,
         echo: bool,
         scheduler: Scheduler,
-        status: Callable[[], list[str]],
+        status: Callable[[], Status],
         logs: Callable[[int], list[str]],
         max_tokens: int,
         port: Port | None = None,
@@ -236,6 +247,7 @@ class Console:
         self.state = "starting"  # for /status: connected | waiting for DEVICE | ...
         self._out: queue.Queue[bytes] = queue.Queue(OUTPUT_QUEUE)
         self._dropped = 0  # bytes of output dropped because the other end stopped reading
+        self.machine: Session | None = None  # machine mode (/json): the program's session
         self._thread = threading.Thread(target=self._run, name="console", daemon=True)
         self._writer = threading.Thread(target=self._write_out, name="console-writer", daemon=True)
 
@@ -304,7 +316,15 @@ class Console:
             self._dropped += len(data)
             return
         if self._dropped:
-            note = f"\r\n[{self._dropped} bytes of output dropped: the terminal was not reading]\r\n".encode()
+            if self.machine is not None:
+                note = self._event_bytes(
+                    protocol.error(
+                        f"{self._dropped} bytes of output were dropped: the other end was not reading",
+                        "read the port continuously; events of requests in flight may be missing",
+                    )
+                )
+            else:
+                note = f"\r\n[{self._dropped} bytes of output dropped: the terminal was not reading]\r\n".encode()
             self._dropped = 0
             data = note + data
         try:
@@ -322,6 +342,21 @@ class Console:
             return
         if written is not None and written < len(data):
             self._dropped += len(data) - written
+
+    @staticmethod
+    def _event_bytes(event: Event) -> bytes:
+        # CR LF: JSON ignores the CR, and a person who typed /json into a terminal still sees one event a line.
+        return (protocol.encode(event) + "\r\n").encode("utf-8", "replace")
+
+    def send_event(self, event: Event) -> None:
+        """Machine mode's output: one event a line, through the same never-blocking queue as the human's."""
+        self._enqueue(self._event_bytes(event))
+
+    def announce_shutdown(self) -> None:
+        if self.machine is not None:
+            self.send_event(protocol.shutdown())
+        else:
+            self.write("\n[llmos-edge is shutting down]\n")
 
     def prompt(self) -> str:
         """`llmos> `, or while the model loads a line `[loading default, 12 s]` above it (questions wait meanwhile).
@@ -360,7 +395,10 @@ class Console:
                 warned = False
                 self.state = "connected"
                 log.info("console on %s", self.device)
-                self.write(self._banner())
+                if self.machine is not None:  # a reopened port in machine mode: say which mode it is in
+                    self.send_event(protocol.mode("json"))
+                else:
+                    self.write(self._banner())
             try:
                 data = self.port.read(512)
             except (serial.SerialException, OSError, EOFError) as e:
@@ -373,7 +411,10 @@ class Console:
                     self._handle(kind, value)
                 except Exception as e:  # one bad line must never end the console (the peer would get silence)
                     log.exception("console: handling %s", kind)
-                    self.write(f"\nerror: internal error: {type(e).__name__}: {e}\n{self.prompt()}")
+                    if self.machine is not None:
+                        self.send_event(protocol.error(f"internal error: {type(e).__name__}: {e}", "see the log"))
+                    else:
+                        self.write(f"\nerror: internal error: {type(e).__name__}: {e}\n{self.prompt()}")
 
     def _banner(self) -> str:
         loading = self.loading()
@@ -394,7 +435,9 @@ class Console:
                 pass
 
     def _handle(self, kind: str, value: object) -> None:
-        if kind == "echo":
+        if self.machine is not None:
+            self._machine(kind, value)
+        elif kind == "echo":
             if self.echo and self.active is None:
                 self._enqueue(bytes(value))  # type: ignore[call-overload]
         elif kind == "interrupt":
@@ -435,7 +478,7 @@ class Console:
         if name == "/help":
             self.write(HELP + "\n")
         elif name == "/status":
-            self.write("\n".join(self.status()) + "\n")
+            self.write("\n".join(status_lines(self.status())) + "\n")
         elif name == "/logs":
             try:
                 n = int(arg) if arg.strip() else 5
@@ -447,12 +490,70 @@ class Console:
                 self.write("\n".join(self.logs(n) or ["(no requests yet)"]) + "\n")
         elif name == "/cancel":
             self.write("nothing to cancel\n")
+        elif name == "/json":
+            self._enter_machine_mode()
+            return
+        elif name == "/human":
+            self.write("already in human mode\n")
         elif name == "/model" and self.model is not None:
             self._model(arg)
             return
         else:
             self.write(f"error: unknown command {name}; type /help for the list\n")
         self.write(self.prompt())
+
+    # -- machine mode ----------------------------------------------------------------------------------------
+    def _enter_machine_mode(self) -> None:
+        self.machine = Session(
+            self.scheduler,
+            self.send_event,
+            self.status,
+            max_tokens=self.max_tokens,
+            source="console",
+            priority="interactive",
+            model=self.model,
+        )
+        log.info("console: machine mode")
+        self.send_event(protocol.mode("json"))
+
+    def _leave_machine_mode(self) -> None:
+        """Requests still in flight are cancelled and their done events sent first: after the mode event, the
+        port is the person's again."""
+        session = self.machine
+        assert session is not None
+        session.close(LEAVE_S)
+        self.machine = None
+        log.info("console: human mode")
+        self.send_event(protocol.mode("human"))
+        self.write(self.prompt())
+
+    def _machine(self, kind: str, value: object) -> None:
+        """Machine mode's input: every line is answered (a request's events, or one error event); no echo."""
+        session = self.machine
+        assert session is not None
+        if kind == "line":
+            line = str(value)
+            if line == "/human":
+                self._leave_machine_mode()
+            elif line == "/json":  # a program that does not know the mode sends /json first: say it again
+                self.send_event(protocol.mode("json"))
+            elif line and session.handle_line(line):
+                self._leave_machine_mode()
+        elif kind == "drop":  # the reader's reason, e.g. "line longer than 512 bytes; dropped"
+            self.send_event(
+                protocol.error(
+                    f"the line was dropped: {str(value).split(';')[0]}",
+                    f"send one JSON object per line: UTF-8, no control bytes, at most {self.max_line} bytes",
+                )
+            )
+        elif kind in ("interrupt", "eof"):
+            key = "Ctrl-C" if kind == "interrupt" else "Ctrl-D"
+            self.send_event(
+                protocol.error(
+                    f"{key} does nothing in machine mode",
+                    'stop a request with {"op": "cancel", "id": ID}; leave machine mode with /human',
+                )
+            )
 
     def _model(self, arg: str) -> None:
         """In its own thread: an install copies, loads and gates a model, which takes a while; the console meanwhile

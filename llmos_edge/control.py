@@ -1,15 +1,9 @@
-"""The local control socket: `llmos submit` and `llmos status` talk to the running supervisor through it.
+"""The local control socket: `llmos submit`, `llmos status` and `llmos model` talk to the running supervisor here.
 
-A Unix socket (never a network port), one JSON object per line each way:
-
-  -> {"op": "status"}                                   <- {"status": ["state: ready", ...]}
-  -> {"op": "submit", "prompt": "...", "priority": "background", "max_tokens": 128, "wait": true}
-                                                        <- {"accepted": ID}, then with wait:
-                                                           {"token": "..."} ... {"done": {"outcome": ..., ...}}
-  -> {"op": "cancel", "id": ID}                         <- {"cancelled": true|false}
-  -> {"op": "model", "args": "install /media/MODELS/x.gguf"}
-                                                        <- {"progress": "..."} ..., then {"done": {"lines": [...]}}
-  any error                                             <- {"error": "one sentence"}
+A Unix socket (never a network port) speaking the JSON-lines envelope of docs/protocol.md, the same one as the
+console's machine mode: a connection is one session, with as many requests in flight as the client likes, each under
+the id the client chose. A client that half-closes (shuts down its sending side) gets the events of what it asked,
+then the connection closes; a client that goes away leaves its requests running (and logged).
 
 Like the console it is a front-end: it reaches the engine only through the scheduler.
 """
@@ -27,12 +21,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmos_edge import protocol
 from llmos_edge.errors import UserError
-from llmos_edge.scheduler import CLASSES, Refused, Request, Result, Scheduler
+from llmos_edge.machine import ModelCommandFn, Session
+from llmos_edge.protocol import Event
+from llmos_edge.scheduler import Scheduler
+from llmos_edge.status import Status
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 1 << 20
+MAX_REQUEST_BYTES = 1 << 20  # one request line; a longer one is answered with an error and skipped
+OUTPUT_EVENTS = 4096  # events waiting for a client that reads slowly; beyond that the client is dropped
 
 
 class ControlServer:
@@ -40,9 +39,9 @@ class ControlServer:
         self,
         path: str,
         scheduler: Scheduler,
-        status: Callable[[], list[str]],
+        status: Callable[[], Status],
         max_tokens: int,
-        model: Callable[[str, Callable[[str], None]], list[str]] | None = None,
+        model: ModelCommandFn | None = None,
     ) -> None:
         self.path = Path(path)
         self.model = model
@@ -98,114 +97,75 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
+        out: queue.Queue[bytes | None] = queue.Queue(OUTPUT_EVENTS)
+        gone = threading.Event()  # the client stopped reading or went away: its events are dropped
 
-            def send(obj: dict[str, Any]) -> None:
-                f.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
-                f.flush()
-
+        def send(event: Event) -> None:  # called from the scheduler's thread: never blocks
+            if gone.is_set():
+                return
             try:
-                line = f.readline(MAX_REQUEST_BYTES)
+                out.put_nowait(protocol.encode(event).encode("utf-8", "replace") + b"\n")
+            except queue.Full:
+                log.warning("control client does not read its events; dropping them")
+                gone.set()
+
+        def write() -> None:
+            while (data := out.get()) is not None:
+                if gone.is_set():
+                    continue
                 try:
-                    msg = json.loads(line)
-                    if not isinstance(msg, dict):
-                        raise ValueError
-                except ValueError:
-                    send({"error": "not a JSON object on one line"})
-                    return
-                self._handle(msg, send)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away; a submitted request still runs and is logged
-            except Exception as e:  # one client's bad luck must not go unanswered, nor reach the other clients
-                log.exception("control request failed")
-                with contextlib.suppress(OSError):
-                    send({"error": f"internal error: {type(e).__name__}: {e}"})
+                    conn.sendall(data)
+                except OSError:  # the client went away; a submitted request still runs and is logged
+                    gone.set()
 
-    def _handle(self, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
-        op = msg.get("op")
-        if op == "status":
-            send({"status": self.status()})
-        elif op == "cancel":
-            rid = msg.get("id")
-            if not isinstance(rid, int) or isinstance(rid, bool):
-                send({"error": "cancel needs the request's id, an integer"})
-                return
-            req = self.scheduler.find(rid)
-            if req is not None:
-                req.cancel()
-            send({"cancelled": req is not None})
-        elif op == "submit":
-            self._submit(msg, send)
-        elif op == "model" and self.model is not None:
-            args = msg.get("args", "")
-            if not isinstance(args, str):
-                send({"error": 'model needs args as a string, e.g. "install /media/MODELS/x.gguf"'})
-                return
-            try:
-                lines = self.model(args, lambda m: send({"progress": m}))
-            except UserError as e:
-                send({"error": str(e)})
-                return
-            send({"done": {"lines": lines}})
-        else:
-            send({"error": f"unknown op {op!r}; use status, submit, cancel or model"})
-
-    def _submit(self, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
-        prompt, priority = msg.get("prompt"), msg.get("priority", "background")
-        max_tokens = msg.get("max_tokens", self.max_tokens)
-        if not isinstance(prompt, str) or not prompt.strip():
-            send({"error": "submit needs a non-empty prompt"})
-            return
-        if priority not in CLASSES:
-            send({"error": f"priority must be one of {', '.join(CLASSES)}"})
-            return
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 65536:
-            send({"error": "max_tokens must be an integer from 1 to 65536"})
-            return
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        req = Request(
-            prompt=prompt,
+        writer = threading.Thread(target=write, name="control-writer", daemon=True)
+        writer.start()
+        session = Session(
+            self.scheduler,
+            send,
+            self.status,
+            max_tokens=self.max_tokens,
             source="submit",
-            priority=priority,
-            max_tokens=max_tokens,
-            on_token=lambda t: events.put(("token", t)),
-            on_done=lambda r: events.put(("done", r)),
+            priority="background",
+            model=self.model,
         )
         try:
-            self.scheduler.submit(req)
-        except Refused as e:
-            send({"error": str(e)})
+            with conn.makefile("rb") as f:
+                for line in _lines(f):
+                    if line is None:
+                        send(protocol.error(f"the line is longer than {MAX_REQUEST_BYTES} bytes", "send less"))
+                    elif line.strip() and session.handle_line(line):
+                        session.close(5.0)
+                        break
+                else:
+                    session.wait_idle()  # the client half-closed: it still reads what it asked for
+        except OSError:
+            pass  # the client went away; a submitted request still runs and is logged
+        except Exception as e:  # one client's bad luck must not go unanswered, nor reach the other clients
+            log.exception("control request failed")
+            send(protocol.error(f"internal error: {type(e).__name__}: {e}", "see the log"))
+        finally:
+            out.put(None)
+            writer.join(5.0)
+            conn.close()
+
+
+def _lines(f: Any) -> Iterator[bytes | None]:
+    """The request lines of a connection; None for a line over the bound (the rest of it is skipped)."""
+    while True:
+        line: bytes = f.readline(MAX_REQUEST_BYTES + 1)
+        if not line:
             return
-        send({"accepted": req.id})
-        if not msg.get("wait", True):
-            return
-        while True:
-            kind, value = events.get()
-            if kind == "token":
-                send({"token": value})
-            else:
-                r: Result = value
-                s = r.stats
-                send(
-                    {
-                        "done": {
-                            "id": req.id,
-                            "outcome": r.outcome,
-                            "error": r.error,
-                            "text": r.text,
-                            "tokens_out": s.tokens_out,
-                            "tok_s": round(s.decode_tok_s, 2),
-                            "ttft_ms": round(s.ttft_s * 1000, 2),
-                            "queue_wait_ms": round(r.queue_wait_s * 1000, 2),
-                            "preemptions": req.preemptions,
-                        }
-                    }
-                )
-                return
+        if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_REQUEST_BYTES)
+            yield None
+        else:
+            yield line
 
 
 def call(path: str, msg: dict[str, Any], timeout: float | None = None) -> Iterator[dict[str, Any]]:
-    """Send one request to a running supervisor and yield its replies."""
+    """Send one request to a running supervisor and yield its events; an error event raises UserError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -219,11 +179,11 @@ def call(path: str, msg: dict[str, Any], timeout: float | None = None) -> Iterat
     except PermissionError:
         sock.close()
         raise UserError(f"not allowed to use {path}", "run as root or as a member of the socket's group") from None
-    with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(msg).encode() + b"\n")
-        f.flush()
+    with sock, sock.makefile("rb") as f:
+        sock.sendall(json.dumps(msg).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)  # that is all we ask: the supervisor closes once it has answered
         for line in f:
-            reply: dict[str, Any] = json.loads(line)
-            if "error" in reply:
-                raise UserError(reply["error"], "")
-            yield reply
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == "error":
+                raise UserError(event["message"], event.get("hint", ""))
+            yield event

@@ -42,7 +42,6 @@ from llmos_edge.status import (
     Status,
     StoreStatus,
 )
-from llmos_edge.status import lines as status_lines
 from llmos_edge.status import summary as status_summary
 from llmos_edge.store import Store
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
@@ -119,7 +118,7 @@ class Supervisor:
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":
             self.control = ControlServer(
-                c.scheduler.control_socket, self.scheduler, self.status_lines, c.model.max_tokens, self.model_command
+                c.scheduler.control_socket, self.scheduler, self.status, c.model.max_tokens, self.model_command
             )
         self.console: Console | None = None
         if c.console.device != "none":
@@ -129,7 +128,7 @@ class Supervisor:
                 c.console.max_line,
                 c.console.echo,
                 self.scheduler,
-                self.status_lines,
+                self.status,
                 self.log_lines,
                 c.model.max_tokens,
                 on_eof=(lambda: self._stop_by("Ctrl-D")) if c.console.device == "stdio" else None,
@@ -218,9 +217,6 @@ class Supervisor:
             database_pending=self.store.pending,
             database_degraded=self.store.degraded,
         )
-
-    def status_lines(self) -> list[str]:
-        return status_lines(self.status())
 
     def model_command(self, args: str, progress: Callable[[str], None]) -> list[str]:
         """`/model ...` on the console, `llmos model ...` through the control socket. Raises UserError."""
@@ -337,7 +333,7 @@ class Supervisor:
         log.info("shutting down (%s)", self.stop_reason or "SIGTERM")
         self.scheduler.cancel_all()  # the answer being generated stops at its next token
         if self.console is not None:
-            self.console.write("\n[llmos-edge is shutting down]\n")
+            self.console.announce_shutdown()
             self.console.flush(left(0.5))
             self.console.stop(left(0.5))
         if self.control is not None:

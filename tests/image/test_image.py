@@ -9,6 +9,7 @@ host; last, another machine: a CPU without AVX2, with a sound card.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import sqlite3
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    ANSWER_END,
     ROOT,
     TEST_DISK_BYTES,
     Boot,
@@ -86,6 +88,30 @@ def test_boots_to_the_llmos_prompt(device: Boot) -> None:
 def test_ping_answers_pong(device: Boot) -> None:
     assert device.console.ask("ping") == "pong"
     ASKED.append("ping")
+
+
+def test_a_program_asks_over_the_uart_in_machine_mode(device: Boot) -> None:
+    """docs/protocol.md over the image's UART: /json, one question as a JSON line, its token and done events under
+    the id we chose, then back to the human prompt."""
+    con = device.console
+    con.send_line("/json")
+    con.read_until(b'{"event":"mode","mode":"json"}\r\n', 60)  # after the echo of /json (and any kernel noise)
+    con.port.write(b'{"op": "submit", "id": "uart-1", "prompt": "reverse stone"}\n')
+    events, noise = [], []
+    while not events or events[-1]["event"] != "done":
+        line = con.read_until(b"\n", 120).strip()
+        if line.startswith(b"{"):
+            events.append(json.loads(line))
+        else:  # the kernel shares the UART (docs/protocol.md): a program skips what is not an event
+            noise.append(line)
+    assert events[0]["event"] == "accepted" and {e["id"] for e in events} == {"uart-1"}, (events, noise)
+    assert "".join(e["text"] for e in events if e["event"] == "token").strip() == "enots", events
+    assert events[-1]["outcome"] == "ok" and events[-1]["tokens_out"] > 0, events
+    ASKED.append("reverse stone")
+    con.port.write(b'{"op": "exit"}\n')
+    out = con.read_until(ANSWER_END, 60)  # the mode event, then the human prompt
+    assert b'{"event":"mode","mode":"human"}' in out, out
+    assert con.ask("ping") == "pong"
 
 
 def test_heldout_prompts_are_answered_exactly(device: Boot, image: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -198,6 +199,21 @@ def test_submit_and_status_through_the_control_socket(appliance: Appliance) -> N
         "submit",
         "background",
     )
+    snapshot = json.loads(appliance.llmos("status", "--json").stdout)
+    assert snapshot["state"] == "ready" and snapshot["last"]["tokens_out"] > 0
+
+
+def test_submit_no_wait_leaves_the_request_running_after_the_client_goes(appliance: Appliance) -> None:
+    out = appliance.llmos("submit", "reverse pebble", "--no-wait")
+    m = re.fullmatch(r"accepted as request (\d+)\n", out.stdout)
+    assert m, out.stdout
+    db = sqlite3.connect(appliance.db)
+    deadline = time.monotonic() + 30
+    row = None
+    while row is None and time.monotonic() < deadline:
+        row = db.execute("SELECT id, outcome, answer FROM requests WHERE prompt='reverse pebble'").fetchone()
+        time.sleep(0.2)
+    assert row is not None and row[1] == "ok" and row[2].strip(), row
 
 
 def test_a_crash_loop_puts_the_supervisor_in_degraded_mode(appliance: Appliance) -> None:

@@ -20,6 +20,7 @@ class ScriptedEngine:
         self.order: list[str] = []
         self.paused: dict[int, GenerationStats] = {}
         self.discarded: list[int] = []
+        self.temperatures: list[float] = []
 
     def generate(
         self,
@@ -35,6 +36,7 @@ class ScriptedEngine:
         preempt: Callable[[], bool] = lambda: False,
     ) -> GenerationStats:
         self.order.append(prompt + (" (resumed)" if resume else ""))
+        self.temperatures.append(temperature)
         if prompt == "crash":
             raise EngineError("the engine crashed (killed by signal SIGKILL)")
         stats = self.paused.pop(job) if resume else GenerationStats(tokens_in=len(prompt), stop="eos")
@@ -203,3 +205,16 @@ def test_an_engine_error_becomes_a_clear_error_and_the_next_request_runs(
     assert bad is not None and bad.outcome == "error" and "SIGKILL" in bad.error
     good = s.submit(Request("ok")).wait(5)
     assert good is not None and good.text == "ko"
+
+
+def test_a_request_s_temperature_overrides_the_default() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+    s = Scheduler(eng, rows, temperature=0.3)
+    s.start()
+    try:
+        s.submit(Request(prompt="default")).wait(5)
+        s.submit(Request(prompt="own", temperature=1.2)).wait(5)
+        s.submit(Request(prompt="zero", temperature=0.0)).wait(5)
+    finally:
+        s.stop()
+    assert eng.temperatures == [0.3, 1.2, 0.0]
