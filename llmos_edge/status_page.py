@@ -44,7 +44,7 @@ RESTART_KINDS = (
 
 # Plot geometry, in SVG user units (the SVG scales to the panel's width).
 W, H = 640, 170
-LEFT, RIGHT, TOP, BOTTOM = 52, 10, 10, 22
+LEFT, RIGHT, TOP, BOTTOM = 70, 10, 10, 22
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
