@@ -41,8 +41,11 @@ class Sampler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop, letting a sample under way finish: the store closes next."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

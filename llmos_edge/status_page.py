@@ -27,6 +27,7 @@ LAST_REQUESTS = 10
 LAST_EVENTS = 10
 LAST_STARTS = 5
 TEXT_CUT = 120  # characters of a prompt or answer shown in the requests table
+MAX_POINTS = 600  # points per plotted line: about one per pixel column; more samples are averaged into this many
 
 # Events that tell of something restarting or failing (keeper.py, readiness.py, supervisor.py).
 RESTART_KINDS = (
@@ -101,6 +102,7 @@ def plot(
 ) -> str:
     """One series of `samples` against time as an inline SVG. A missing value, or a new start of the supervisor,
     breaks the line: a gap is shown as a gap. A lone point is drawn as a dot."""
+    samples = thin(samples, key)
     values = [float(s[key]) for s in samples if s.get(key) is not None]
     if not values:
         return f'<p class="empty">no {e(title)} in the samples yet</p>'
@@ -150,6 +152,30 @@ def plot(
     parts += paths + dots
     parts.append("</svg>")
     return "".join(parts)
+
+
+def thin(samples: list[dict[str, Any]], key: str, most: int = MAX_POINTS) -> list[dict[str, Any]]:
+    """At most about `most` points: runs of consecutive samples (of one start) averaged into one, so an hour at a
+    short sample interval stays a small page. A bucket where nothing was measured stays a gap."""
+    k = -(-len(samples) // most)
+    if k <= 1:
+        return samples
+    out: list[dict[str, Any]] = []
+    bucket: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        vals = [float(b[key]) for b in bucket if b.get(key) is not None]
+        at = sum(float(b["at"]) for b in bucket) / len(bucket)
+        out.append({"at": at, "start_id": bucket[0].get("start_id"), key: sum(vals) / len(vals) if vals else None})
+        bucket.clear()
+
+    for smp in samples:
+        if bucket and (len(bucket) == k or smp.get("start_id") != bucket[0].get("start_id")):
+            flush()
+        bucket.append(smp)
+    if bucket:
+        flush()
+    return out
 
 
 def _ago(seconds: float) -> str:

@@ -358,7 +358,7 @@ class Supervisor:
         if self.http is not None:
             self.http.stop()
         self.governor.stop(left(0.5))  # governor (issue 4)
-        self.sampler.stop()
+        self.sampler.stop(left(0.5))
         self.voice.stop()  # voice (issue 6)
         self.scheduler.stop(timeout=left(1.0))
         self.engine.stop(timeout=left(1.0))

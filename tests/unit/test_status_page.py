@@ -151,6 +151,18 @@ def test_samples_older_than_an_hour_are_not_plotted(tmp_path: Path) -> None:
     assert "99" not in got["temperature"] and "last hour 40.0 to 40.0 °C" in got["temperature"]
 
 
+def test_an_hour_of_fast_samples_is_averaged_into_a_line_of_a_few_hundred_points(tmp_path: Path) -> None:
+    now = time.time()
+    s = Store(tmp_path / "l.db")
+    rows = [{"at": now - 3600 + i, "celsius": 60.0 + (i % 2) * 10, "share": 1.0, "queue": 0} for i in range(3600)]
+    s.db["samples"].insert_all(rows)  # an hour at database.sample_interval 1, in one transaction (fsync is slow)
+    page = status_page.render(status_snapshot(), s, now)
+    lines = re.findall(r'<path class="line" d="([^"]+)"', panels(page)["temperature"])
+    assert len(lines) == 1 and 300 <= lines[0].count("L") + 1 <= status_page.MAX_POINTS
+    assert "last hour 60.0 to 70.0 °C" in page  # the note still tells the extremes the averages hide
+    assert len(page) < 60_000
+
+
 def test_the_sampler_records_the_decode_speed_of_the_requests_finished_in_each_interval(tmp_path: Path) -> None:
     s = Store(tmp_path / "l.db")
     s.record_request({"prompt": "from an earlier start", "tokens_out": 500, "tok_s": 1.0, "outcome": "ok"})
