@@ -21,6 +21,8 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIAN
 LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION).ok
 
 HOST_PACKAGES := python3-venv python3-dev build-essential cmake libgomp1 git espeak-ng alsa-utils sox
+# For tests only: the status page's browser test (tests/integration/test_status_page.py) drives Debian's chromium.
+HOST_PACKAGES += chromium chromium-driver
 
 .PHONY: help deps host-deps wheel vocab venv lint typecheck unit integration test test-voice run-host docs clean
 

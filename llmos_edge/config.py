@@ -111,6 +111,15 @@ class DatabaseConfig:
         minimum=10,
     )
     keep_voice: int = setting(100000, "Voice interaction rows kept; older ones are deleted at start.", minimum=10)
+    sample_interval: float = setting(
+        10.0,
+        "Seconds between two samples of temperature, CPU share, tok/s, queue and memory: the status page's plots.",
+        minimum=0.1,
+        maximum=3600.0,
+    )
+    keep_samples: int = setting(
+        8640, "Samples kept (8640: a day at the default interval); older ones are deleted as new ones come.", minimum=10
+    )
 
 
 @dataclass(frozen=True)

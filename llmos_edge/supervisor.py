@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from llmos_edge import __version__
+from llmos_edge import __version__, status_page
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.control import ControlServer
@@ -31,6 +31,7 @@ from llmos_edge.metrics import Metrics
 from llmos_edge.model_store import ModelStore
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
 from llmos_edge.readiness import Readiness
+from llmos_edge.sampler import Sampler
 from llmos_edge.scheduler import Scheduler
 from llmos_edge.sensors import thermal_zones
 from llmos_edge.status import (
@@ -64,6 +65,7 @@ class Supervisor:
             keep_requests=c.database.keep_requests,
             keep_events=c.database.keep_events,
             keep_voice=c.database.keep_voice,
+            keep_samples=c.database.keep_samples,
         )
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
@@ -137,7 +139,16 @@ class Supervisor:
             )
         self.http: HttpApi | None = None
         if self.metrics is not None:
-            self.http = HttpApi(c.http, self.scheduler, self.status, self.metrics, max_tokens=c.model.max_tokens)
+            self.http = HttpApi(
+                c.http,
+                self.scheduler,
+                self.status,
+                self.metrics,
+                max_tokens=c.model.max_tokens,
+                page=lambda: status_page.render(self.status(), self.store, time.time()),
+            )
+        # the status page's history (issue 13): a row every database.sample_interval seconds
+        self.sampler = Sampler(self.store, self.status, c.database.sample_interval)
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
@@ -288,6 +299,8 @@ class Supervisor:
         self.readiness.watch.add("scheduler", self.scheduler.alive)
         self.readiness.watch.add("governor", self.governor.alive, self.governor.restart)
         self.readiness.watch.add("voice", self.voice.alive, self.voice.restart)
+        self.sampler.start()
+        self.readiness.watch.add("sampler", self.sampler.alive, self.sampler.restart)
         if self.console is not None:
             self.console.start()
             self.readiness.watch.add("console", self.console.alive, self.console.restart)
@@ -341,6 +354,7 @@ class Supervisor:
         if self.http is not None:
             self.http.stop()
         self.governor.stop(left(0.5))  # governor (issue 4)
+        self.sampler.stop(left(0.5))
         self.voice.stop()  # voice (issue 6)
         self.scheduler.stop(timeout=left(1.0))
         self.engine.stop(timeout=left(1.0))

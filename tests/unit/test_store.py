@@ -342,3 +342,30 @@ def test_events_and_voice_rows_are_pruned_at_start_like_requests(tmp_path: Path)
     assert [r["message"] for r in s.recent_events(100)] == [str(i) for i in range(20, 30)]
     assert [r["heard"] for r in s.db["voice"].rows_where(order_by="id")] == [str(i) for i in range(25, 30)]
     assert len(s.recent_requests(100)) == 20
+
+
+def test_samples_are_pruned_as_they_are_written_and_at_start(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p, keep_samples=10)
+    for i in range(store_module.SAMPLES_PRUNE_EVERY):
+        s.record_sample({"at": float(i), "celsius": 50.0})
+    rows = s.samples_since(-1)
+    assert [r["at"] for r in rows] == [float(i) for i in range(store_module.SAMPLES_PRUNE_EVERY - 10, 100)]
+    for i in range(5):
+        s.record_sample({"at": 100.0 + i})
+    s.close()
+    s = Store(p, keep_samples=10)
+    assert [r["at"] for r in s.samples_since(-1)] == [float(i) for i in range(95, 105)]
+
+
+def test_events_can_be_read_by_kind(tmp_path: Path) -> None:
+    s = Store(tmp_path / "l.db")
+    for kind in ("governor", "ready", "engine_restart", "governor"):
+        s.event(kind, kind)
+    assert [r["kind"] for r in s.recent_events(10, ("governor", "engine_restart"))] == [
+        "governor",
+        "engine_restart",
+        "governor",
+    ]
+    assert [r["kind"] for r in s.recent_events(1, ("governor",))] == ["governor"]
+    assert len(s.recent_events(10)) == 4
