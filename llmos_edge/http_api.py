@@ -85,9 +85,11 @@ def _bad(message: str) -> ApiError:
 
 
 def _int(body: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    v = body.get(key, default)
+    v = body.get(key)
     if v is None:
         return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # JSON has one number type: 16.0 is the integer 16 to JSON Schema, and to us
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise _bad(f"{key} must be an integer from {lo} to {hi}")
     return v
@@ -110,10 +112,12 @@ def _text_of(content: Any, where: str) -> str:
 def parse_generation(body: Any, *, chat: bool, max_tokens: int, priority: str) -> Generation:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    if not isinstance(body.get("model", ""), str):
+        raise _bad("model must be a string (any name: the device serves the model it has loaded)")
     for key, why in (("tools", "tool calls"), ("functions", "function calls")):
         if body.get(key):
             raise _bad(f"{why} are not supported by this server")
-    if body.get("n", 1) not in (1, None):
+    if body.get("n", 1) not in (1, 1.0, None) or body.get("n") is True:
         raise _bad("n must be 1: this server makes one answer per request")
     if body.get("logprobs") not in (None, False, 0):
         raise _bad("logprobs are not supported by this server")
@@ -139,24 +143,26 @@ def parse_generation(body: Any, *, chat: bool, max_tokens: int, priority: str) -
         if not any(m["role"] == "user" for m in out):
             raise _bad("messages must hold at least one user message")
         messages = tuple(out)
-        prompt = next(m["content"] for m in reversed(out) if m["role"] == "user")
+        prompt = next(m["content"] for m in reversed(out) if m["role"] == "user")  # may be empty: a chat goes on
     else:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
             p = p[0]
         if not isinstance(p, str):
             raise _bad("prompt must be a string (one prompt per request)")
+        if not p:
+            raise _bad("the prompt is empty")
         prompt = p
-    if not prompt.strip():
-        raise _bad("the prompt is empty")
-    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    n = _int({"max_tokens": tokens}, "max_tokens", max_tokens, 1, 65536)
+    older = _int(body, "max_tokens", max_tokens, 1, 65536)
+    n = _int(body, "max_completion_tokens", older, 1, 65536)  # OpenAI's newer name wins when both are given
     temperature = body.get("temperature")
     if temperature is not None and (
         not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2
     ):
         raise _bad("temperature must be a number from 0 to 2")
     seed = body.get("seed")
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
         raise _bad("seed must be an integer from 0 to 2147483647")
     stop = body.get("stop")
@@ -175,9 +181,9 @@ def parse_generation(body: Any, *, chat: bool, max_tokens: int, priority: str) -
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise _bad("stream_options must be an object")
+    opts = {} if body.get("stream_options") is None else body["stream_options"]
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise _bad("stream_options must be an object, its include_usage true or false")
     return Generation(
         prompt=prompt,
         messages=messages,
@@ -333,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llmos-edge"
     timeout = IO_TIMEOUT_S
+    allow = ""  # a 405's Allow header
+    body_read = False  # an answer before the body was read must close the connection: the body is not a request
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s: " + format, self.client_address[0], *args)
@@ -353,6 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: ApiError) -> None:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after else {}
+        if e.code == 405:
+            headers["Allow"] = self.allow
         if e.code == 401:
             headers["WWW-Authenticate"] = 'Basic realm="llmos-edge"' if self.path == "/" else "Bearer"
         self._json(e.code, e.body(), headers)
@@ -367,6 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
         if n > MAX_BODY:
             raise ApiError(413, f"the body is larger than {MAX_BODY} bytes", "invalid_request_error")
         raw = self.rfile.read(n) if n > 0 else b""
+        self.body_read = True
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -374,18 +385,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        self.body_read = False
         try:
             if path != "/health" and not self.api.authorised(self.headers.get("Authorization", "")):
                 raise ApiError(401, "a valid token is needed: Authorization: Bearer TOKEN", "authentication_error")
             handler = ROUTES.get((method, path))
             if handler is None:
-                known = {p for _, p in ROUTES}
-                if path in known:
-                    raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error")
+                allowed = sorted(m for m, p in ROUTES if p == path)
+                if allowed:
+                    self.allow = ", ".join(allowed + (["HEAD"] if "GET" in allowed else []))
+                    raise ApiError(405, f"{method} is not allowed on {path}; use {self.allow}", "invalid_request_error")
                 raise ApiError(404, f"no such endpoint: {path}", "not_found_error")
             handler(self)
         except ApiError as e:
-            self.close_connection = self.close_connection or e.code in (411, 413)
+            if not self.body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+                self.close_connection = True
             self._error(e)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
@@ -403,11 +417,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._route("POST")
 
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        # Any other method (PUT, PATCH, QUERY ...) is answered 405 with the methods the path allows, where the base
+        # class would say 501 Not Implemented (a server error) for a client's choice.
+        if name.startswith("do_"):
+            return lambda: self._route(name[3:])
+        raise AttributeError(name)
 
     # -- endpoints ---------------------------------------------------------------------------------------------------
     def health(self) -> None:

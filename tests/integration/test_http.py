@@ -267,3 +267,42 @@ def test_metrics_parse_and_count_what_happened(served: tuple[Appliance, int]) ->
     for name in ("llmos_cpu_share", "llmos_memory_bytes", "llmos_engine_restarts", "llmos_temperature_celsius"):
         assert name in families, name  # (a family's name: counters' without _total)
     assert value("llmos_memory_bytes", process="engine") > 10 * 2**20
+
+
+def test_schemathesis_finds_no_server_error_and_no_answer_off_the_openapi_document(
+    appliance_factory: type[Appliance], tmp_path: Path
+) -> None:
+    """schemathesis generates valid and invalid requests from the served OpenAPI document and checks every answer
+    against it: status codes, content types, bodies, auth enforced; no 5xx (a 503 would need a full queue or a
+    loading model, which a sequential run against a ready device never has)."""
+    port = free_port()
+    app = appliance_factory(config=http_config(port), override="model:\n  max_tokens: 16\n")
+    app.wait_ready()
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "run",
+            f"http://127.0.0.1:{port}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "all",
+            "--max-examples",
+            "30",
+            "--generation-deterministic",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "60",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path / "schemathesis"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false", "NO_COLOR": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "No issues found" in out.stdout or " passed" in out.stdout, out.stdout[-3000:]
