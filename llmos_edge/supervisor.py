@@ -129,7 +129,7 @@ class Supervisor:
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status_lines, c.model.max_tokens)
         if self.voice.will_run():
             # The model's memory budget is set before voice starts (after READY): leave voice its room now.
-            self.governor.reserve_extra = VOICE_MEMORY_MB * MIB
+            self.governor.memory.reserve_extra = VOICE_MEMORY_MB * MIB
             log.info("memory: %d MiB reserved for the voice front-end", VOICE_MEMORY_MB)
 
     # -- memory --------------------------------------------------------------------------------------------
@@ -165,15 +165,15 @@ class Supervisor:
         said_hot = False
         while not self.stopping.is_set():
             if self.keeper.ready.wait(0.2):
-                if self.governor.thermal in ("critical", "cooling"):
+                if self.governor.thermal.mode.refuses:
                     # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
                     # board to cool, telling systemd we are still starting so it does not kill us for being slow;
                     # the console already answers, with the reason.
                     if not said_hot:
                         said_hot = True
                         self.self_test = "waiting for the board to cool"
-                        log.warning("self-test waits: %s", self.governor.refusal_thermal())
-                        self.store.event("self_test_waiting", self.governor.refusal_thermal())
+                        log.warning("self-test waits: %s", self.governor.thermal.refusal())
+                        self.store.event("self_test_waiting", self.governor.thermal.refusal())
                     self.notifier.notify(f"EXTEND_TIMEOUT_USEC={HOT_BOOT_EXTEND_S * 1_000_000}")
                     self._notify_status()
                     self.stopping.wait(1.0)
@@ -313,8 +313,8 @@ class Supervisor:
 
     def _install_preflight(self, info: GGUFInfo) -> None:
         """A model that could never fit this device's memory budget is refused before it is copied."""
-        if not self.governor.fits_ever(info):
-            ceiling = self.governor.memory_ceiling()
+        if not self.governor.memory.fits_ever(info):
+            ceiling = self.governor.memory.ceiling()
             est = estimate_memory(info, MIN_CONTEXT)
             raise UserError(
                 f"{info.path.name} needs {est.total / MIB:.0f} MiB even at context {MIN_CONTEXT}, more than this "
