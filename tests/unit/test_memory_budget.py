@@ -20,6 +20,7 @@ from llmos_edge.errors import UserError
 from llmos_edge.memory_budget import MemoryBudget, MemoryLevel
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
 from llmos_edge.sensors import Memory, Pressure, Reading, Sensors
+from tests.decisions import Decisions
 from tests.unit.test_memory_estimate import llama
 
 
@@ -52,17 +53,9 @@ class Rig:
     def __init__(self, root: Path, **cfg: Any) -> None:
         self.cfg = dataclasses.replace(GovernorConfig(), sensors_root=str(root), **cfg)
         self.hands = Hands()
-        self.rows: list[tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
-        self.mb = MemoryBudget(self.cfg, self.hands, self._record, Sensors(root, vcgencmd=None))
-
-    def _record(
-        self, message: str, action: str, inputs: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
-    ) -> None:
-        json.dumps([inputs, before, after])  # what the store does with them: they must serialise
-        self.rows.append((message, action, inputs, before, after))
-
-    def actions(self) -> list[str]:
-        return [r[1] for r in self.rows]
+        self.decisions = Decisions()
+        self.rows = self.decisions.rows
+        self.mb = MemoryBudget(self.cfg, self.hands, self.decisions, Sensors(root, vcgencmd=None))
 
     def at(self, now: float, *, psi: tuple[float, float] = (0.0, 0.0), available_mib: float = 4096) -> None:
         some, full = psi
@@ -144,7 +137,7 @@ def test_preflight_picks_a_context_that_fits_and_logs_it(tmp_path: Path) -> None
     assert MIN_CONTEXT <= n_ctx < 4096
     assert rig.mb.estimate is not None and rig.mb.estimate.total <= (need + 4) * MIB
     assert rig.mb.budget == (need + 4) * MIB
-    assert rig.actions() == ["preflight"] and "does not fit" in rig.rows[0][0]
+    assert rig.decisions.actions() == ["preflight"] and "does not fit" in rig.rows[0][0]
     assert rig.rows[0][4]["n_ctx"] == n_ctx
     assert rig.mb.preflight(info, MIN_CONTEXT) == MIN_CONTEXT
 
@@ -157,14 +150,14 @@ def test_preflight_refuses_in_one_sentence_when_nothing_fits(tmp_path: Path) -> 
     msg = str(e.value)
     assert "needs" in msg and f"budget is {need // 2} MiB" in msg and "\n" not in msg
     assert "smaller" in (e.value.hint or "")
-    assert rig.actions() == ["refuse_load"] and rig.rows[0][4] == {"n_ctx": 0}
+    assert rig.decisions.actions() == ["refuse_load"] and rig.rows[0][4] == {"n_ctx": 0}
 
 
 def test_shedding_rises_at_once_and_steps_back_one_level_per_calm_spell(tmp_path: Path) -> None:
     rig = Rig(tmp_path, calm=10.0, psi_some=10.0, psi_full=5.0)
     rig.at(0, psi=(90, 50))  # severe at once: every measure, in order, and the model unloaded
     assert rig.mb.level is MemoryLevel.UNLOAD
-    assert rig.actions() == ["shed_background", "shorten_requests", "unload"]
+    assert rig.decisions.actions() == ["shed_background", "shorten_requests", "unload"]
     assert len(rig.hands.unloaded) == 1 and "memory is short" in rig.hands.unloaded[0]
     assert rig.rows[0][3] == {"level": 0, "measure": "no shedding"}
     assert rig.rows[0][4] == {"level": 3, "measure": "model unloaded"}
@@ -178,7 +171,7 @@ def test_shedding_rises_at_once_and_steps_back_one_level_per_calm_spell(tmp_path
     assert rig.mb.level is MemoryLevel.SHORTEN_REQUESTS
     rig.at(34)
     rig.at(44)
-    assert rig.mb.level is MemoryLevel.CALM and rig.actions().count("memory_step_back") == 3
+    assert rig.mb.level is MemoryLevel.CALM and rig.decisions.actions().count("memory_step_back") == 3
     assert rig.hands.reloads == 1 and rig.mb.reason == "memory is calm again"
 
 

@@ -15,6 +15,7 @@ import pytest
 from llmos_edge.config import GovernorConfig
 from llmos_edge.sensors import ThermalZone
 from llmos_edge.thermal import PIController, ThermalControl, ThermalMode
+from tests.decisions import Decisions
 
 
 @dataclasses.dataclass
@@ -37,17 +38,9 @@ class Rig:
     def __init__(self, max_threads: int = 4, **cfg: Any) -> None:
         self.cfg = dataclasses.replace(GovernorConfig(), **cfg)
         self.hands = Hands()
-        self.rows: list[tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
-        self.control = ThermalControl(self.cfg, self.hands, self._record, max_threads=max_threads)
-
-    def _record(
-        self, message: str, action: str, inputs: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
-    ) -> None:
-        json.dumps([inputs, before, after])  # what the store does with them: they must serialise
-        self.rows.append((message, action, inputs, before, after))
-
-    def actions(self) -> list[str]:
-        return [r[1] for r in self.rows]
+        self.decisions = Decisions()
+        self.rows = self.decisions.rows
+        self.control = ThermalControl(self.cfg, self.hands, self.decisions, max_threads=max_threads)
 
     def at(self, celsius: float | None, busy: bool = True, dt: float = 1.0) -> None:
         zone = None if celsius is None else ThermalZone("thermal_zone0", "cpu-thermal", celsius)
@@ -71,7 +64,7 @@ def test_first_reading_turns_control_on_and_names_the_zone() -> None:
     rig = Rig()
     assert rig.control.mode is ThermalMode.UNKNOWN
     rig.at(40.0)
-    assert rig.control.mode is ThermalMode.NORMAL and rig.actions() == ["sensor"]
+    assert rig.control.mode is ThermalMode.NORMAL and rig.decisions.actions() == ["sensor"]
     message, _, inputs, before, after = rig.rows[0]
     assert "cpu-thermal (thermal_zone0) at 40.0 °C" in message
     assert before["mode"] == "unknown" and after["mode"] == "normal" and "p" in inputs and "i" in inputs
@@ -84,11 +77,11 @@ def test_a_hot_board_is_throttled_and_set_free_when_it_cools() -> None:
     rig.at(80.0)  # 5 °C over the setpoint: the proportional term alone takes the share below 1
     assert rig.control.mode is ThermalMode.THROTTLING and rig.control.limits.share < 1.0
     assert rig.hands.limits and rig.hands.limits[-1][0] < 4
-    assert "throttle" in rig.actions()
+    assert "throttle" in rig.decisions.actions()
     for _ in range(5):
         rig.at(50.0)
     assert rig.control.mode is ThermalMode.NORMAL and rig.control.limits.share == 1.0
-    assert rig.hands.limits[-1] == (4, 1.0) and "unthrottle" in rig.actions()
+    assert rig.hands.limits[-1] == (4, 1.0) and "unthrottle" in rig.decisions.actions()
 
 
 def test_share_is_realised_with_few_threads_at_full_pace() -> None:
@@ -128,7 +121,7 @@ def test_critical_stops_generation_and_refuses_until_cooled_by_the_margin() -> N
     rig.at(80.5)
     assert rig.control.mode is ThermalMode.COOLING
     rig.at(79.5)
-    assert not rig.control.mode.refuses and "resume" in rig.actions()
+    assert not rig.control.mode.refuses and "resume" in rig.decisions.actions()
     assert rig.control.pi.integral <= rig.cfg.min_share + 1e-9  # starts again gently
     assert len(rig.hands.stopped) == 1
 
@@ -139,11 +132,11 @@ def test_no_sensor_is_recorded_once_and_leaves_the_engine_unthrottled() -> None:
     rig.at(None)
     rig.at(None)
     assert rig.control.mode is ThermalMode.NO_SENSOR and rig.control.celsius is None
-    assert rig.actions().count("no_sensor") == 1 and rig.control.limits.share == 1.0
+    assert rig.decisions.actions().count("no_sensor") == 1 and rig.control.limits.share == 1.0
     assert rig.control.status_line() == "thermal: no thermal sensor (not throttling)"
     assert rig.control.status_summary() == "no thermal sensor"
     rig.at(60.0)  # a sensor that comes back turns control on again
-    assert rig.control.mode is ThermalMode.NORMAL and rig.actions()[-1] == "sensor"
+    assert rig.control.mode is ThermalMode.NORMAL and rig.decisions.actions()[-1] == "sensor"
 
 
 def test_pinned_means_the_controller_can_do_no_more() -> None:
