@@ -207,10 +207,10 @@ class Supervisor:
                     log.warning("%s", e)
 
     # -- status --------------------------------------------------------------------------------------------
-    def _shown_state(self) -> str:
+    def _shown_state(self) -> KeeperState:
         # The engine is up before the self-test has answered: not ready for people yet.
         state = self.keeper.es.state
-        return "starting" if state is KeeperState.READY and not self.ready_sent else state.value
+        return KeeperState.STARTING if state is KeeperState.READY and not self.ready_sent else state
 
     def status_line(self) -> str:
         info = self.engine.info
