@@ -53,6 +53,15 @@ class KeeperState(StrEnum):
     UNLOADED = "unloaded"  # the governor unloaded the model until memory is calm
 
 
+class FallbackCause(StrEnum):
+    """Why the ladder runs a smaller model; each goes back by its own rule (see `_watch_ladder`)."""
+
+    MEMORY = "memory"  # the model does not fit the memory budget now: back when it fits beside the fallback
+    CRASH = "crash"  # it crash-looped: back after ten times models.recheck
+    HOT = "hot"  # the board stays too hot for it: back after as long cool
+    FILE = "file"  # its file is missing, corrupt or unsupported: back when the file changes and fits
+
+
 @dataclass(frozen=True)
 class EngineState:
     state: KeeperState = KeeperState.STARTING
@@ -94,7 +103,7 @@ class Keeper:
         self.info: GGUFInfo | None = None  # the running model's header
         self.trial = False  # the target is a model being activated: no ladder, its failure is the gate's answer
         self.fallback = ""  # why the ladder runs `target` instead of `preferred`; empty when it does not
-        self._fallback_cause = ""  # memory | crash | hot | file
+        self._fallback_cause: FallbackCause | None = None
         self._fallback_at = 0.0
         self._recheck_every = cfg.models.recheck  # doubles while going back keeps failing (no bouncing)
         self._went_back_at = -1e9
@@ -183,24 +192,24 @@ class Keeper:
             info = read_gguf(target.path)
             check_loadable(info)
         except UserError as e:
-            self._failed(target, str(e), cause="file")
+            self._failed(target, str(e), cause=FallbackCause.FILE)
             return
         try:
-            n_ctx = self.governor.preflight(info, self.cfg.model.context)
+            n_ctx = self.governor.memory.preflight(info, self.cfg.model.context)
         except UserError as e:
-            if self.governor.fits_ever(info):  # memory is briefly short: it will be there again
-                self._transient(target, f"memory is short for now: {e}", cause="memory")
+            if self.governor.memory.fits_ever(info):  # memory is briefly short: it will be there again
+                self._transient(target, f"memory is short for now: {e}", cause=FallbackCause.MEMORY)
             else:
-                self._failed(target, str(e), cause="memory")
+                self._failed(target, str(e), cause=FallbackCause.MEMORY)
             return
         self.engine.settings = dataclasses.replace(self.engine.settings, model_path=target.path, n_ctx=n_ctx)
         try:
             loaded = self.engine.start()
         except EngineError as e:
             if e.transient:
-                self._transient(target, str(e), cause="memory")
+                self._transient(target, str(e), cause=FallbackCause.MEMORY)
             else:
-                self._failed(target, str(e), cause="file")
+                self._failed(target, str(e), cause=FallbackCause.FILE)
             return
         self.running, self.info = target, info
         self._failed_stamp = None
@@ -222,7 +231,7 @@ class Keeper:
             },
         )
 
-    def _transient(self, target: ModelEntry, reason: str, cause: str) -> None:
+    def _transient(self, target: ModelEntry, reason: str, cause: FallbackCause) -> None:
         """Tried again after a backoff; meanwhile, the ladder may run a smaller model."""
         self._load_error = reason
         if self._step_down(target, reason, cause):
@@ -236,7 +245,7 @@ class Keeper:
         )
         self.ready.clear()
 
-    def _failed(self, target: ModelEntry, reason: str, cause: str) -> None:
+    def _failed(self, target: ModelEntry, reason: str, cause: FallbackCause) -> None:
         """A person must fix it: wait for the file to change; meanwhile, the ladder may run a smaller model."""
         self._load_error = reason
         self._failed_stamp = _stamp(target.path)
@@ -269,7 +278,7 @@ class Keeper:
                 )
                 self._rollback_failed(entry, reason, wait=False)  # this thread does the loading: never wait on it
                 return
-            if self._step_down(entry, reason, "crash"):
+            if self._step_down(entry, reason, FallbackCause.CRASH):
                 self.store.event("engine_restart", reason, {"restarts": self.restarts, "crash_loop": True})
                 return
             delay = self.cfg.engine.restart_backoff_max
@@ -292,7 +301,7 @@ class Keeper:
         self._retry_at = 0.0
 
     # -- the degradation ladder ----------------------------------------------------------------------------
-    def _step_down(self, failing: ModelEntry, reason: str, cause: str) -> bool:
+    def _step_down(self, failing: ModelEntry, reason: str, cause: FallbackCause) -> bool:
         """Run the next smaller good model that fits instead of `failing`. False when there is none (or the ladder
         is off, or this is a trial, which must answer for itself)."""
         if self.trial or not self.cfg.models.ladder:
@@ -329,37 +338,31 @@ class Keeper:
             check_loadable(info)
         except UserError:
             return False
-        return self.governor.fits_now(info, beside_worker=beside_worker)
+        return self.governor.memory.fits_now(info, beside_worker=beside_worker)
 
     def _watch_ladder(self, now: float) -> None:
         """While serving: step down when the board stays too hot for this model; while on a fallback: go back to
         the preferred model when its cause is gone."""
         if self.trial or not self.cfg.models.ladder:
             return
-        hot = self.governor.thermal in ("critical", "cooling") or (
-            self.governor.thermal == "throttling" and self.governor.limits.share <= self.cfg.governor.min_share + 1e-6
-        )
-        cool = (
-            self.governor.celsius is not None
-            and self.governor.celsius < self.cfg.governor.setpoint - self.cfg.governor.cool_margin
-        )
-        self._hot_since = (self._hot_since or now) if hot else None
-        self._cool_since = (self._cool_since or now) if cool else None
+        thermal = self.governor.thermal
+        self._hot_since = (self._hot_since or now) if thermal.pinned() else None
+        self._cool_since = (self._cool_since or now) if thermal.cool() else None
         hot_for = self.cfg.models.hot_for
         if self.running is not None and self._hot_since is not None and now - self._hot_since >= hot_for:
-            t = self.governor.celsius
+            t = thermal.celsius
             why = f"the board stays too hot for it ({t:.1f} °C)" if t is not None else "the board stays too hot for it"
-            if not self._step_down(self.running, why, "hot"):
+            if not self._step_down(self.running, why, FallbackCause.HOT):
                 self._hot_since = now  # already the smallest: ask again after another hot_for, not every tick
             return
         if not self.fallback or now - self._fallback_at < self._recheck_every:
             return
         cause, back = self._fallback_cause, False
-        if cause == "hot":
+        if cause is FallbackCause.HOT:
             back = self._cool_since is not None and now - self._cool_since >= hot_for
-        elif cause == "crash":
+        elif cause is FallbackCause.CRASH:
             back = now - self._fallback_at >= 10 * self.cfg.models.recheck
-        elif cause == "file":
+        elif cause is FallbackCause.FILE:
             back = self._failed_stamp != _stamp(self.preferred.path) and self._fits_now(self.preferred)
         else:
             back = self._fits_now(self.preferred, beside_worker=True)
@@ -441,7 +444,7 @@ class Keeper:
             self.target = entry
             self.trial = trial
             self.fallback = ""
-            self._fallback_cause = ""
+            self._fallback_cause = None
             self._load_error = ""
             self._failed_stamp = None
             self._retry_at = 0.0
@@ -457,7 +460,7 @@ class Keeper:
         entry = self.models.get(name)
         if entry is None:
             raise UserError(f"no model named {name}", "`/model` lists the installed models")
-        if self.governor.thermal in ("critical", "cooling"):
+        if self.governor.thermal.mode.refuses:
             raise UserError("the board is too hot to try a new model now", "try again when it has cooled")
         with self._lock:
             previous = self.preferred

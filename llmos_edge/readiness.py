@@ -117,15 +117,15 @@ class Readiness:
         said_hot = False
         while not self.stopping.is_set():
             if keeper.ready.wait(0.2):
-                if governor.thermal in ("critical", "cooling"):
+                if governor.thermal.mode.refuses:
                     # Booted hot (a closed case in the sun): the self-test would only be refused. Wait for the
                     # board to cool, telling systemd we are still starting so it does not kill us for being slow;
                     # the console already answers, with the reason.
                     if not said_hot:
                         said_hot = True
                         self.self_test = "waiting for the board to cool"
-                        log.warning("self-test waits: %s", governor.refusal_thermal())
-                        self.store.event("self_test_waiting", governor.refusal_thermal())
+                        log.warning("self-test waits: %s", governor.thermal.refusal())
+                        self.store.event("self_test_waiting", governor.thermal.refusal())
                     self.notifier.notify(f"EXTEND_TIMEOUT_USEC={HOT_BOOT_EXTEND_S * 1_000_000}")
                     self.notify_status()
                     self.stopping.wait(1.0)

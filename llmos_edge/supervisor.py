@@ -153,7 +153,7 @@ class Supervisor:
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
             # The model's memory budget is set before voice starts (after READY): leave voice its room now.
-            self.governor.reserve_extra = VOICE_MEMORY_MB * MIB
+            self.governor.memory.reserve_extra = VOICE_MEMORY_MB * MIB
             log.info("memory: %d MiB reserved for the voice front-end", VOICE_MEMORY_MB)
 
     # -- memory --------------------------------------------------------------------------------------------
@@ -210,11 +210,11 @@ class Supervisor:
             temperatures=tuple((z.type, z.celsius) for z in thermal_zones(self.cfg.governor.sensors_root)),
             governor=GovernorStatus(  # governor (issue 4): thermal control, memory budget, machine
                 enabled=self.cfg.governor.enabled,
-                celsius=g.celsius,
+                celsius=g.thermal.celsius,
                 setpoint=self.cfg.governor.setpoint,
-                mode=str(g.thermal),
-                share=g.limits.share,
-                budget=g.budget,
+                mode=g.thermal.mode.value,
+                share=g.thermal.limits.share,
+                budget=g.memory.budget,
                 lines=tuple(g.status_lines()),
                 summary=g.status_summary(),
             ),
@@ -258,8 +258,8 @@ class Supervisor:
 
     def _install_preflight(self, info: GGUFInfo) -> None:
         """A model that could never fit this device's memory budget is refused before it is copied."""
-        if not self.governor.fits_ever(info):
-            ceiling = self.governor.memory_ceiling()
+        if not self.governor.memory.fits_ever(info):
+            ceiling = self.governor.memory.ceiling()
             est = estimate_memory(info, MIN_CONTEXT)
             raise UserError(
                 f"{info.path.name} needs {est.total / MIB:.0f} MiB even at context {MIN_CONTEXT}, more than this "
