@@ -30,11 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import begin
+from bench.thermal_sim import BoardModel, CpuProbe, ThermalSim
 from llmos_edge.config import GovernorConfig
 from llmos_edge.engine import Engine, EngineSettings
 from llmos_edge.governor import Actuators, Governor
 from llmos_edge.sensors import Sensors
-from llmos_edge.thermal_sim import BoardModel, CpuProbe, ThermalSim, write_zone
+from tests.fake_sysfs import write_zone
 
 PROMPT = "the quick brown fox"
 WHERE_GAINS = (
