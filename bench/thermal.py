@@ -387,9 +387,18 @@ def choose_text(results: dict[str, list[Run]], best: str | None, limit_name: str
         vs_static = med("governor", best)
         text += (
             f"Against the best static thread count that stays under the ceiling, {results[best][0].name}, it gives "
-            f"{vs_static:.2f}x the tokens ({'met' if vs_static >= MIN_GAIN_VS_STATIC else 'MISSED'}): it runs more "
-            "threads whenever the heat allows, where a static count must be chosen for the worst case. "
+            f"{vs_static:.2f}x the tokens"
         )
+        if vs_static >= MIN_GAIN_VS_STATIC:
+            text += (
+                " (met): it runs more threads whenever the heat allows, where a static count must be chosen for the "
+                "worst case. "
+            )
+        else:
+            text += (
+                f" (**MISSED**): on this machine {threads} threads ran {measured:.2f}x as fast as one, so the time the "
+                "governor spends on more threads, which the heat allows, buys no more tokens (projection below). "
+            )
     if vs_fw >= MIN_GAIN_VS_FIRMWARE:
         text += (
             f"Against {limit_name}, it gives {vs_fw:.2f}x the tokens, meeting its {MIN_GAIN_VS_FIRMWARE:g}x claim "
@@ -457,7 +466,8 @@ def projection_text(results: dict[str, list[Run]], under: list[str], threads: in
     return (
         "**How the verdicts hang on the thread effect** (a projection from the simulated boards' limits, not a "
         f"measurement): the steady state's tokens if {threads} threads ran so many times as fast as one. This run "
-        f"measured {measured:.2f}x at its start. (c) reaches {MIN_GAIN_VS_FIRMWARE:g}x (b) only where {threads} "
+        f"measured {measured:.2f}x (its unthrottled static policies, median over the rounds). "
+        f"(c) reaches {MIN_GAIN_VS_FIRMWARE:g}x (b) only where {threads} "
         f"threads are at most {lo:.2f}x as fast as one.\n\n" + "\n".join(rows) + "\n"
     )
 
@@ -549,6 +559,10 @@ def main() -> int:
     )
     print(f"bench-thermal took {minutes:.1f} min")
 
+    # The thread effect as this run met it: the unthrottled static policies take turns in the same weather.
+    top = f"static{args.threads}"
+    scaling = statistics.median(ratios(results[top], results["static1"])) if args.threads > 1 else 1.0
+    print(f"{args.threads} threads / 1 thread, unthrottled, in the run: {scaling:.2f}x")
     if args.write:
         png = REPO / "bench" / "thermal.png"
         plot({k: v[-1] for k, v in results.items()}, names, png)
@@ -579,12 +593,8 @@ def main() -> int:
             "every round; tokens are medians with the range over the rounds in brackets. Unthrottled speed on this "
             f"machine at the start: {speeds_text}. The run took {minutes:.1f} min.\n\n" + "\n".join(rows) + "\n"
         )
-        body += (
-            "\n"
-            + choose_text(results, best, names["firmware"], args.threads, speeds[args.threads] / speeds[1])
-            + "\n\n"
-        )
-        body += projection_text(results, under, args.threads, speeds[args.threads] / speeds[1]) + "\n" + MODEL_TEXT
+        body += "\n" + choose_text(results, best, names["firmware"], args.threads, scaling) + "\n\n"
+        body += projection_text(results, under, args.threads, scaling) + "\n" + MODEL_TEXT
         body += "\n![temperature, speed and board power over board time, last round](bench/thermal.png)\n"
         report.write_section(
             "thermal",
