@@ -229,6 +229,13 @@ def firmware_limit(threads: int) -> int:
     raise SystemExit("no firmware limit keeps the simulated board under the ceiling")
 
 
+def static(threads: int) -> Callable[[float, float], Decision]:
+    def decide(_celsius: float, _now: float) -> Decision:
+        return threads, 1.0, POWER.f_max_ghz, 1.0
+
+    return decide
+
+
 def make_policies(threads: int, tmp: Path) -> list[Policy]:
     cpt = PI_CORES / threads
     policies: list[Policy] = []
@@ -240,7 +247,7 @@ def make_policies(threads: int, tmp: Path) -> list[Policy]:
             Policy(
                 f"static{n}",
                 f"(s) {n} thread{'s' if n > 1 else ''} ({cores:g} Pi cores), no throttle",
-                lambda _c, _t, n=n: (n, 1.0, POWER.f_max_ghz, 1.0),
+                static(n),
             )
         )
     limit = firmware_limit(threads)
@@ -487,8 +494,7 @@ def main() -> int:
     started = time.monotonic()
 
     if args.boards_only:
-        runs = run_round(None, args.threads, 0)
-        for key, r in runs.items():
+        for key, r in run_round(None, args.threads, 0).items():
             print(
                 f"{key:9s} peak {r.peak():6.2f} °C, steady mean {r.mean(r.temp, CLIMB_S):6.2f} °C, "
                 f"{r.mean(r.watts, CLIMB_S):.2f} W, {r.mean(r.ghz, CLIMB_S):.2f} GHz, {r.mean(r.cores, CLIMB_S):.2f} "
@@ -505,11 +511,11 @@ def main() -> int:
         speeds = unthrottled(engine, args.threads)
         for n, rate in sorted(speeds.items()):
             print(f"{n} thread(s) unthrottled: {rate:.0f} tok/s", flush=True)
-        for r in range(ROUNDS):
-            for key, run in run_round(engine, args.threads, r).items():
+        for rnd in range(ROUNDS):
+            for key, run in run_round(engine, args.threads, rnd).items():
                 results.setdefault(key, []).append(run)
                 print(
-                    f"round {r + 1} {key:9s}: peak {run.peak():6.2f} °C, {run.total()} tokens "
+                    f"round {rnd + 1} {key:9s}: peak {run.peak():6.2f} °C, {run.total()} tokens "
                     f"({run.total(CLIMB_S)} in the steady state)",
                     flush=True,
                 )
@@ -571,16 +577,16 @@ def main() -> int:
             "run | tokens, steady state | (c) / this, whole run | (c) / this, steady |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for key, runs in results.items():
-            r0 = runs[0]  # the boards are deterministic: every round has the same temperatures
+        for key, per_round in results.items():
+            r0 = per_round[0]  # the boards are deterministic: every round has the same temperatures
             mark = " (over the ceiling)" if r0.peak() > CEILING_C else ""
             rows.append(
                 f"| {names[key]}{' **best static**' if key == best else ''} | {r0.peak():.2f}{mark} | "
                 f"{r0.mean(r0.temp, CLIMB_S):.2f} | {r0.mean(r0.watts, CLIMB_S):.2f} | "
                 f"{r0.mean(r0.ghz, CLIMB_S):.2f} GHz, {r0.mean(r0.cores, CLIMB_S):.2f} | "
-                f"{spread([float(x.total()) for x in runs], '.0f')} | "
-                f"{spread([float(x.total(CLIMB_S)) for x in runs], '.0f')} | "
-                f"{spread(ratios(gov, runs), '.2f')}x | {spread(ratios(gov, runs, CLIMB_S), '.2f')}x |"
+                f"{spread([float(x.total()) for x in per_round], '.0f')} | "
+                f"{spread([float(x.total(CLIMB_S)) for x in per_round], '.0f')} | "
+                f"{spread(ratios(gov, per_round), '.2f')}x | {spread(ratios(gov, per_round, CLIMB_S), '.2f')}x |"
             )
         speeds_text = "; ".join(f"{n} thread{'s' if n > 1 else ''} {rate:.0f} tok/s" for n, rate in speeds.items())
         body = (
