@@ -1,7 +1,7 @@
 """The governor in the booted image: QEMU has no thermal sensor (the status says so), and a fake hot thermal zone
 given through the config override is throttled, visibly in /status and in the log.
 
-The fake zone is a sysfs-like tree written by llmos_edge.thermal_sim into the var partition of a copy of the disk
+The fake zone is a sysfs-like tree written by tests/fake_sysfs.py into the var partition of a copy of the disk
 (debugfs, no mount), with an override /var/lib/llmos/llmos.yaml pointing governor.sensors_root at it.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, TEST_DISK_BYTES, Boot, boot, copy_from_var, journal, write_to_var
 
 sys.path.insert(0, str(ROOT))
-from llmos_edge.thermal_sim import write_zone
+from tests.fake_sysfs import write_zone
 
 HOT = 77.0  # above the 75 °C setpoint, below the 85 °C critical limit: throttled, still answering
 SIM_ROOT = "/lib/llmos-thermal-sim"  # in the var partition, i.e. /var/lib/llmos-thermal-sim on the device

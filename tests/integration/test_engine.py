@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.thermal_sim import CpuProbe
 from llmos_edge.engine import Engine, EngineSettings
-from llmos_edge.thermal_sim import CpuProbe
 from tests.integration.conftest import MODEL
 
 SPEED_MODEL = Path(

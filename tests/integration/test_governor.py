@@ -18,7 +18,7 @@ import pytest
 from bench.memory import CACHE_MODELS, TOLERANCE
 from bench.models import measure
 from llmos_edge.models import MIB
-from llmos_edge.thermal_sim import write_zone
+from tests.fake_sysfs import write_zone
 from tests.integration.conftest import MODEL, REPO, Appliance
 
 GGUF_PYTHON = CACHE_MODELS.parent / "gguf-venv" / "bin" / "python"

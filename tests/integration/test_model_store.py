@@ -381,7 +381,7 @@ def test_a_database_that_cannot_be_opened_stops_for_good(tmp_path: Path) -> None
 def test_the_ladder_steps_down_when_the_board_stays_too_hot_and_back_when_cool(
     appliance_factory: type[Appliance], tmp_path: Path
 ) -> None:
-    from llmos_edge.thermal_sim import write_zone
+    from tests.fake_sysfs import write_zone
 
     root = tmp_path / "root"
     write_zone(root, 50.0)

@@ -20,7 +20,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from llmos_edge.thermal_sim import write_zone
+from tests.fake_sysfs import write_zone
 from tests.integration.conftest import Appliance
 
 TOKEN = "page-test-token"

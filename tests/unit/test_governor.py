@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from bench.thermal_sim import BoardModel, ThermalSim
 from llmos_edge.config import GovernorConfig
 from llmos_edge.governor import Actuators, Governor
 from llmos_edge.sensors import Sensors
 from llmos_edge.thermal import ThermalMode
-from llmos_edge.thermal_sim import BoardModel, ThermalSim, write_zone
+from tests.fake_sysfs import write_zone
 
 
 class Sink:

@@ -1,23 +1,29 @@
-"""A first-order thermal model of a board, driven by the engine worker's real CPU use, written to a fake thermal zone.
+"""A simulated board for the thermal benchmark and the governor's tests: a first-order thermal model, heated either
+by a share of full load (the tests) or by watts from a power model of a Raspberry Pi 5 (the benchmark), and a fake
+thermal zone the governor reads.
 
 Tests, the thermal benchmark and the image test need a board that heats up when llmos-edge works and cools when it
-rests, on machines whose own sensors are absent (QEMU) or unrelated (a CI runner). The model is the simplest one
-that shows the behaviour a governor must handle, a lag between power and temperature:
+rests, on machines whose own sensors are absent (QEMU) or unrelated (a CI runner). The thermal model is the simplest
+one that shows the behaviour a governor must handle, a lag between power and temperature:
 
-    C · dT/dt = P(load) - (T - T_ambient) / R,      P(load) = P_idle + P_load · load,      tau = R · C
+    C · dT/dt = P - (T - T_ambient) / R,      tau = R · C
 
 solved exactly over each step (T approaches its steady state T_ss = T_ambient + R · P exponentially with time
 constant tau), so a large step is as accurate as many small ones.
 
-The default parameters describe a Raspberry Pi 5 on a desk without heatsink or fan, from public figures rather than
-our own measurement: about 2.7-3 W at idle and 7-8 W with all four cores busy; an idle bare board sits near 50 °C in
-a 25 °C room and passes the firmware's 80-85 °C limits within a minute or two of full load. R = 9 K/W puts idle at
-50 °C and full load at about 90 °C (the board would throttle long before reaching it); tau = 100 s gives that
-one-to-two-minute climb.
+The defaults describe a Raspberry Pi 5 (BCM2712, 4x Cortex-A76 at 2.4 GHz) on a desk without heatsink or fan. Public
+figures (sources in BENCHMARKS.md, "Thermal"): idle at the wall 2.4 W (Compute Module 5) to 3.1 W (Pi 500), same SoC;
+stress-ng --matrix on all four cores 8.5-9 W, i.e. about 1.5 W per core at 2.4 GHz; VDD_CORE about 0.90 V under load;
+a bare Pi 5 idles near 50 °C and averaged 81 °C (peak 89 °C, throttled) through a benchmark suite. Assumed: 25 °C
+room; idle 2.8 W; R = 9 K/W (idle at 50 °C); tau = 100 s (the climb to the firmware's 80 °C in one to two minutes
+that reviews describe); a decoding core draws 3/4 of a stress-ng core (1.125 W: decode waits on DRAM about half the
+time), so the four cores add 4.5 W; the voltage falls linearly with the clock to 0.72 V at 1.5 GHz.
 
-`load` is the share of the board's CPU the worker uses, 0..1. `CpuProbe` measures it from psutil (user + system
-CPU time of the worker process and all its threads, per second of wall time) divided by `full_cores`, the CPU use
-that counts as the board at full load (the worker's thread count, or a figure measured on this machine).
+`load` (tests) is the share of the board's CPU in use, 0..1: P = P_idle + P_load · load. `Pi5Power.watts` (the
+benchmark) is the board's power with `active_cores` cores decoding at `ghz`: P_idle + active_cores · P_core(f), with
+P_core(f) = P_core(2.4 GHz) · (V(f) / V(2.4 GHz))^2 · f / 2.4 GHz (dynamic power C·V²·f; the static power of the
+board and of idle cores is in P_idle). `CpuProbe` measures a process's real CPU use (psutil); `SimulatedZone` turns
+it into a zone for the image test's and the integration tests' rigs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from tests.fake_sysfs import write_zone
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,29 @@ class BoardModel:
         return ((celsius - self.ambient_c) / self.r_th - self.idle_w) / self.load_w
 
 
+@dataclass(frozen=True)
+class Pi5Power:
+    """Board power from how many cores decode and at what clock (see the module docstring for the figures)."""
+
+    idle_w: float = 2.8  # W, the board with its cores idle (static power included)
+    core_w: float = 1.125  # W, one core decoding at f_max
+    cores: int = 4
+    f_max_ghz: float = 2.4
+    f_min_ghz: float = 1.5  # the firmware's lowest arm clock under thermal throttling (assumed)
+    v_max: float = 0.90  # V at f_max
+    v_min: float = 0.72  # V at f_min (assumed)
+
+    def volts(self, ghz: float) -> float:
+        x = (ghz - self.f_min_ghz) / (self.f_max_ghz - self.f_min_ghz)
+        return self.v_min + (self.v_max - self.v_min) * min(1.0, max(0.0, x))
+
+    def core_watts(self, ghz: float) -> float:
+        return self.core_w * (self.volts(ghz) / self.v_max) ** 2 * ghz / self.f_max_ghz
+
+    def watts(self, active_cores: float, ghz: float) -> float:
+        return self.idle_w + min(float(self.cores), max(0.0, active_cores)) * self.core_watts(ghz)
+
+
 class ThermalSim:
     def __init__(self, board: BoardModel | None = None, celsius: float | None = None) -> None:
         self.board = board or BoardModel()
@@ -68,27 +99,12 @@ class ThermalSim:
         self.time += dt
         return self.celsius
 
-
-def write_zone(
-    root: str | os.PathLike[str],
-    celsius: float,
-    zone: str = "thermal_zone0",
-    kind: str = "cpu-thermal",
-    trips: tuple[tuple[str, float], ...] = (("passive", 80.0), ("critical", 90.0)),
-) -> Path:
-    """Write a sysfs-like thermal zone (millidegrees, as the kernel does); replaced atomically so a reader never
-    sees a half-written number."""
-    d = Path(root, "sys/class/thermal", zone)
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "type").exists():
-        (d / "type").write_text(kind + "\n")
-        for i, (t, c) in enumerate(trips):
-            (d / f"trip_point_{i}_type").write_text(t + "\n")
-            (d / f"trip_point_{i}_temp").write_text(f"{round(c * 1000)}\n")
-    tmp = d / ".temp.tmp"
-    tmp.write_text(f"{round(celsius * 1000)}\n")
-    tmp.replace(d / "temp")
-    return d
+    def step_watts(self, watts: float, dt: float) -> float:
+        """Advance `dt` simulated seconds at a constant power; return the new temperature."""
+        target = self.board.ambient_c + self.board.r_th * watts
+        self.celsius = target + (self.celsius - target) * math.exp(-dt / self.board.tau_s)
+        self.time += dt
+        return self.celsius
 
 
 class CpuProbe:
@@ -168,7 +184,7 @@ class SimulatedZone:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m llmos_edge.thermal_sim",
+        prog="python -m bench.thermal_sim",
         description="Write a fake thermal zone under ROOT: a constant temperature, or a simulated board heated by "
         "the CPU use of a process.",
     )

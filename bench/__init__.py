@@ -1,0 +1,1 @@
+"""Benchmarks (see bench.mk and BENCHMARKS.md), and the simulated board they and the tests share."""
