@@ -2,11 +2,12 @@
 # PYTHON, VENV, PY).
 #   make image-deps            host tools (mkosi 24, systemd 254, QEMU, OVMF, erofs-utils, bmaptool), idempotent
 #   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
-#   make run [CPU=Nehalem] [SOUND=none|alsa] [STICK=stick.raw]
+#   make run [CPU=Nehalem] [SOUND=none|alsa] [STICK=stick.raw] [HTTP_PORT=8080]
 #                              install what is missing (make deps), then boot a copy of it in QEMU, serial console
 #                              on this terminal (Ctrl-A X quits); SOUND adds a sound card (silent, or this host's
 #                              ALSA devices) for the voice front-end; STICK plugs in a USB stick image (see
-#                              image/usbstick.py). With standard input not a terminal, the input is typed into the
+#                              image/usbstick.py); HTTP_PORT adds a network card, the guest's HTTP API (with
+#                              http.enabled) on 127.0.0.1:HTTP_PORT. With standard input not a terminal, the input is typed into the
 #                              console as a script, a line per prompt, and the VM powers off at its end (CI does so)
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
@@ -26,6 +27,7 @@ CPU ?=
 MEM ?= 1024
 SOUND ?=
 STICK ?=
+HTTP_PORT ?=
 
 .PHONY: image-deps image-wheels image image-xz run flash image-test
 
@@ -143,7 +145,7 @@ $(RUN_DISK): $(IMAGE)
 # image build below never meets a missing tool.
 run: deps $(RUN_DISK)
 	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND)) \
-	  $(if $(STICK),--usb-stick $(STICK))
+	  $(if $(STICK),--usb-stick $(STICK)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 flash: $(IMAGE)
 	@test -n "$(DEVICE)" || { echo "flash: say where: make flash DEVICE=/dev/sdX" \

@@ -7,7 +7,8 @@ a probe shows it can run a guest; otherwise software emulation (TCG) with `-cpu 
 has no sound card (the appliance then says `voice: no microphone`); with it, an Intel HD Audio card whose line-in
 and line-out go to a QEMU audio backend: `none` (silence in, nothing out) or `alsa` (this host's default devices).
 With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in as a read-only USB mass-storage
-stick on an xHCI controller; the guest mounts it at /media/<its label>.
+stick on an xHCI controller; the guest mounts it at /media/<its label>. With --http-port, a network card on QEMU's
+restricted user-mode network forwards 127.0.0.1:PORT to the guest's HTTP API (http.enabled in the guest's config).
 
 When standard input is not a terminal, `run` plays it as a script instead of handing over the console: it waits
 for the product's prompt and for the model (`/status` until `state: ready`), types one line at a time (the next
@@ -16,7 +17,7 @@ console to standard output, and at the end of the script presses the ACPI power 
 power-off. That is how CI runs `make run`.
 
   vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot] [--sound none]
-            [--usb-stick stick.raw]
+            [--usb-stick stick.raw] [--http-port 8080]
   printf 'ping\n/status\n' | vm.py run --image build/image/llmos-edge.raw
   vm.py probe-kvm
 """
@@ -125,6 +126,7 @@ class VMConfig:
     # empty: no sound card
     sound: str = ""
     usb_stick: Path | None = None  # a raw disk image, plugged in as a read-only USB stick
+    http_port: int = 0  # >0: a network card whose guest port 8080 is 127.0.0.1:http_port on the host
     extra: list[str] = field(default_factory=list)
 
 
@@ -146,6 +148,16 @@ def usb_stick(image: Path) -> list[str]:
         "-drive", f"if=none,id=stick,format=raw,readonly=on,file={image}",
         "-device", "usb-storage,bus=xhci.0,drive=stick,removable=on",
     ]  # fmt: skip
+
+
+def network(host_port: int, guest_port: int = 8080) -> list[str]:
+    """A virtio network card on QEMU's user-mode network: the guest gets an address by DHCP, the host's loopback
+    port `host_port` reaches the guest's `guest_port` (the HTTP front-end), and restrict=on keeps the guest from
+    reaching anything else (no traffic leaves this machine)."""
+    return [
+        "-nic",
+        f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}",
+    ]
 
 
 def command(cfg: VMConfig, vars_file: Path) -> list[str]:
@@ -195,6 +207,8 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
         cmd += sound_card(cfg.sound)
     if cfg.usb_stick is not None:
         cmd += usb_stick(cfg.usb_stick)
+    if cfg.http_port:
+        cmd += network(cfg.http_port)
     return cmd + cfg.extra
 
 
@@ -463,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--usb-stick", type=Path, help="plug in this raw disk image as a read-only USB stick")
     r.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="a network card; the guest's HTTP API (port 8080, with http.enabled) on 127.0.0.1:PORT",
+    )
+    r.add_argument(
         "--boot-timeout",
         type=float,
         default=900,
@@ -491,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             accel=args.accel,
             sound=args.sound,
             usb_stick=args.usb_stick,
+            http_port=args.http_port,
         )
         if not args.serial_port and not (sys.stdin is not None and sys.stdin.isatty()):
             stdin = sys.stdin.buffer if sys.stdin is not None else None

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,10 +51,15 @@ def _with_overrides(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedCon
     return dataclasses.replace(loaded, config=cfg)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> LoadedConfig:
+    """The configuration `llmos run` runs with these arguments."""
     # The last configuration that ran lives beside the database; which database is itself a setting.
     db = args.db or load_layers(args.config, args.override).config.database.path
-    loaded = _with_overrides(load_layers(args.config, args.override, last_good=last_good_path(db)), args)
+    return _with_overrides(load_layers(args.config, args.override, last_good=last_good_path(db)), args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = _run_config(args)
     log_file = None
     if loaded.config.console.device == "stdio" and sys.stderr.isatty():
         # The console owns this terminal: log lines in the middle of an answer would garble it.
@@ -94,6 +100,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return supervisor.run()
     except UserError as e:
         return _die(e)
+
+
+def cmd_net_setup(args: argparse.Namespace) -> int:
+    from llmos_edge import netpolicy
+
+    loaded = _run_config(args)
+    try:
+        print(netpolicy.apply(loaded.config, Path(args.dir), reload=not args.no_reload))
+    except (OSError, subprocess.CalledProcessError) as e:
+        return _die(UserError(f"cannot write the network drop-in in {args.dir}: {e}", "run it as root (systemd does)"))
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -239,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--db", metavar="PATH", help="SQLite database (overrides database.path)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     r.set_defaults(func=cmd_run)
+
+    ns = sub.add_parser(
+        "net-setup",
+        help="open the service's network sandbox for HTTP, or close it, as the configuration says (run by "
+        "llmos-net.service before each start)",
+    )
+    ns.add_argument("--config", action="append", default=[], metavar="FILE", help="as for run")
+    ns.add_argument("--override", action="append", default=[], metavar="FILE", help="as for run")
+    ns.add_argument("--db", metavar="PATH", help="as for run (where the last good configuration is)")
+    ns.add_argument("--dir", default="/run/systemd/system/llmos.service.d", help="where the drop-in goes")
+    ns.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    ns.set_defaults(func=cmd_net_setup)
 
     c = sub.add_parser("check-config", help="validate config files (layered in the order given)")
     c.add_argument("files", nargs="+", metavar="FILE")

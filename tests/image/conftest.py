@@ -172,6 +172,7 @@ def boot(
     snapshot: bool = False,
     sound: str = "",
     usb_stick: Path | None = None,
+    http_port: int = 0,
     extra: list[str] | None = None,
 ) -> Boot:
     """Boot `disk` and wait until the device is ready. `sound`: a QEMU -audiodev backend for an emulated sound card
@@ -189,6 +190,7 @@ def boot(
         qmp_socket=qmp,
         sound=sound,
         usb_stick=usb_stick,
+        http_port=http_port,
         extra=list(extra or []),
     )
     vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")

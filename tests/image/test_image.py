@@ -8,6 +8,7 @@ host; last, another machine: a CPU without AVX2, with a sound card.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -32,6 +33,9 @@ from conftest import (
     measure,
     partitions,
 )
+
+from llmos_edge import netpolicy
+from llmos_edge.config import Config, HttpConfig
 
 # Variants without AVX2 in the llama.cpp wheel's runtime dispatch (everything else uses AVX2 or more).
 NO_AVX2_VARIANTS = {"x64", "sse42", "sandybridge", "ivybridge", "piledriver"}
@@ -146,6 +150,14 @@ def test_status_shows_model_memory_and_a_fast_cpu_variant(device: Boot) -> None:
     m = re.search(r"([\d.]+) tok/s", text)
     if m:
         measure("tok_s_guest_cpu_max", float(m.group(1)))
+
+
+def test_qemu_has_no_thermal_sensor_and_says_so(device: Boot) -> None:
+    if device.vm is None:
+        pytest.skip("a real device may well have a thermal sensor")
+    text = device.console.ask("/status")
+    assert "thermal: no thermal sensor (not throttling)" in text
+    assert "memory budget: engine" in text and "estimate" in text
 
 
 def test_without_a_sound_card_voice_says_no_microphone(device: Boot) -> None:
@@ -281,6 +293,42 @@ def test_boot_time_to_ready_in_the_guest(disk: Path, tmp_path: Path) -> None:
     ready = [float(t) for t in re.findall(r"^\[\s*([\d.]+)\].*Started llmos", log, re.M)]
     assert ready, log
     measure("boot_guest_uptime_at_ready_s", ready)
+
+
+def exposure(root: Path) -> float:
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--no-pager", "--offline=true", f"--root={root}", "llmos.service"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"Overall exposure level for llmos.service: ([\d.]+)", out)
+    assert m, out
+    return float(m.group(1))
+
+
+def test_the_service_sandbox_with_and_without_http(image: Path, tmp_path: Path) -> None:
+    """systemd-analyze security over the image's own root: the shipped unit (no network) and the unit with the
+    drop-in `llmos net-setup` writes for HTTP on every interface (the most open case)."""
+    part = partitions(image)["root"]
+    erofs = tmp_path / "root.erofs"
+    with image.open("rb") as src, erofs.open("wb") as dst:
+        src.seek(part["start"])
+        left = part["size"]
+        while left:
+            chunk = src.read(min(left, 8 << 20))
+            dst.write(chunk)
+            left -= len(chunk)
+    root = tmp_path / "root"
+    subprocess.run(["fsck.erofs", f"--extract={root}", str(erofs)], check=True, capture_output=True)
+    closed = exposure(root)
+    cfg = dataclasses.replace(Config(), http=HttpConfig(enabled=True, listen="0.0.0.0:8080", token="t"))
+    dropins = root / "etc/systemd/system/llmos.service.d"
+    dropins.mkdir(parents=True)
+    (dropins / "50-http.conf").write_text(netpolicy.dropin(cfg) or "")
+    opened = exposure(root)
+    measure("systemd_exposure", {"no_http": closed, "http_any_address": opened})
+    assert closed <= 1.0 and opened <= 2.0 and opened > closed, (closed, opened)
 
 
 @pytest.fixture(scope="module")

@@ -306,3 +306,25 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_openapi_docume
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout or " passed" in out.stdout, out.stdout[-3000:]
+
+
+def readme_example(name: str) -> str:
+    """The code block under `<!-- example: NAME -->` in README.md."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = re.search(rf"<!-- example: {name} -->\n```\w*\n(.*?)```", text, re.S)
+    assert m, f"README.md has no example {name}"
+    return m.group(1)
+
+
+def test_the_readme_examples_work_as_written(appliance_factory: type[Appliance]) -> None:
+    """README's curl and Python examples, run as they are against the loopback API of examples/dev.yaml (only the
+    port changes, to a free one)."""
+    port = free_port()
+    app = appliance_factory(config=f"http:\n  enabled: true\n  listen: 127.0.0.1:{port}\n")
+    app.wait_ready()
+    curl = readme_example("http-curl").replace("8080", str(port))
+    out = subprocess.run(["sh", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "pong"
+    script = readme_example("http-python").replace("8080", str(port))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "I am llmos-tiny, a small llama model running offline.", out.stdout
