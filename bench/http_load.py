@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,6 +78,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) of the supervisor, of its engine worker, and of this process (the clients)."""
+    sup = psutil.Process(pid)
+    engine = sum(sum(c.cpu_times()[:2]) for c in sup.children() if "llmos_edge.engine" in " ".join(c.cmdline()))
+    return {"supervisor": sum(sup.cpu_times()[:2]), "engine": engine, "clients": sum(psutil.Process().cpu_times()[:2])}
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -158,6 +166,7 @@ class Run:
     streams: list[Stream] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds over the load, by process
 
 
 def check_stream(raw: bytes, want: str) -> tuple[str, str, int]:
@@ -400,11 +409,13 @@ async def load(port: int, pid: int, qs: list[str], duration: float) -> tuple[Run
     run = Run()
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(http, pid, run, stop))
+    cpu0 = cpu_seconds(pid)
     t0 = time.monotonic()
     end = t0 + duration
     tasks = [asyncio.create_task(client(http, i, qs, answers, run, end)) for i in range(CLIENTS)]
     await asyncio.wait_for(asyncio.gather(*tasks), duration + DRAIN_S)
     took = time.monotonic() - t0
+    run.cpu_s = {k: v - cpu0[k] for k, v in cpu_seconds(pid).items()}
     stop.set()
     await watcher
     after = await scrape(http)
@@ -570,6 +581,9 @@ def summarise(
         + "\n".join(rows)
         + "\n\n"
         f"- Throughput: {tokens} tokens in the ok streams, **{tokens / took:.1f} tok/s** overall\n"
+        f"- CPU time over the {took:.0f} s (2 CPUs, shared with other work: see the load average): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in run.cpu_s.items())
+        + "\n"
         f"- Time to first token, interactive, client-measured (request sent to first text chunk, {len(inter)} "
         f"streams): **p50 {c50 * 1000:.0f} ms, p99 {c99 * 1000:.0f} ms**\n"
         f"- The server's histogram (`llmos_time_to_first_token_seconds`, arrival to first token, interpolated "
@@ -581,6 +595,7 @@ def summarise(
         "another process). The peak row charges to the front-end all the supervisor grows by under load, so it "
         "is an upper bound on what HTTP adds.\n\n" + "\n".join(mem_rows) + "\n"
     )
+    print(text, flush=True)
     if args.write:
         report.write_section(
             "http-load",
@@ -588,8 +603,6 @@ def summarise(
             "make bench-http (python bench/http_load.py --write)",
             text,
         )
-    else:
-        print(text)
     return report.exit_code()
 
 
