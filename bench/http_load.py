@@ -159,6 +159,7 @@ class Stream:
     ttft_s: float = 0.0
     tokens: int = 0
     retry_after: float = 0.0
+    sent: float = 0.0  # monotonic time the request was sent
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Run:
     depths: list[int] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds over the load, by process
+    sequential: tuple[int, float] = (0, 0.0)  # tokens and seconds of the reference answers, one at a time
 
 
 def check_stream(raw: bytes, want: str) -> tuple[str, str, int]:
@@ -286,7 +288,7 @@ def first_text(raw: bytes) -> bool:
 
 
 async def one_request(http: Http, s: Stream, want: str) -> None:
-    t0 = time.monotonic()
+    t0 = s.sent = time.monotonic()
     try:
         async with http.request("POST", "/v1/chat/completions", body(s.question, s.priority, True)) as r:
             s.status = r.status
@@ -399,14 +401,17 @@ def quantile(xs: list[float], q: float) -> float:
 async def load(port: int, pid: int, qs: list[str], duration: float) -> tuple[Run, dict[str, str], Any, Any, float]:
     http = Http(port)
     answers = {}
+    ref_tokens, ref0 = 0, time.monotonic()
     for q in qs:  # the reference answers, one at a time, before the load
         async with http.request("POST", "/v1/chat/completions", body(q, "interactive", False)) as r:
             reply = await r.body()
         if r.status != 200:
             raise RuntimeError(f"the reference answer to {q!r} failed: {r.status} {reply[:200]!r}")
         answers[q] = json.loads(reply)["choices"][0]["message"]["content"]
+        ref_tokens += json.loads(reply)["usage"]["completion_tokens"]
+    ref_s = time.monotonic() - ref0
     before = await scrape(http)
-    run = Run()
+    run = Run(sequential=(ref_tokens, ref_s))
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(http, pid, run, stop))
     cpu0 = cpu_seconds(pid)
@@ -577,13 +582,16 @@ def summarise(
         f"streaming chat completion (temperature 0) of one of {len(qs)} held-out questions for {DURATION_S:g} s "
         f"(then the ones in flight read to the end: {took:.1f} s in all); a 503 waits its Retry-After. A stream "
         "counts as ok when it is well-formed SSE whose every chunk is JSON, ends with `data: [DONE]`, and whose text "
-        "equals the same question's non-streamed answer (greedy decoding makes it fixed).\n\n"
+        "equals the same question's non-streamed answer (greedy decoding makes it fixed). Background requests wait "
+        "behind interactive ones until they have waited `scheduler.aging` (30 s), hence their few answers.\n\n"
         + "\n".join(rows)
         + "\n\n"
         f"- Throughput: {tokens} tokens in the ok streams, **{tokens / took:.1f} tok/s** overall\n"
         f"- CPU time over the {took:.0f} s (2 CPUs, shared with other work: see the load average): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in run.cpu_s.items())
         + "\n"
+        f"- For scale, the {len(qs)} reference answers one at a time just before: {run.sequential[0]} tokens in "
+        f"{run.sequential[1]:.1f} s, {run.sequential[0] / run.sequential[1]:.1f} tok/s end to end\n"
         f"- Time to first token, interactive, client-measured (request sent to first text chunk, {len(inter)} "
         f"streams): **p50 {c50 * 1000:.0f} ms, p99 {c99 * 1000:.0f} ms**\n"
         f"- The server's histogram (`llmos_time_to_first_token_seconds`, arrival to first token, interpolated "
