@@ -295,7 +295,8 @@ async def one_request(http: Http, s: Stream, want: str) -> None:
             if r.status != 200:
                 text = (await r.body()).decode(errors="replace")
                 s.retry_after = float(r.headers.get("retry-after", "0") or 0)
-                if r.status == 503 and r.headers.get("retry-after") and "queue is full" in text:
+                full = f"queue is full ({QUEUE_SIZE} requests)" in text  # the scheduler's words at its bound
+                if r.status == 503 and r.headers.get("retry-after") and full:
                     s.outcome = "refused"
                 elif r.status == 503:
                     s.outcome = "503-other"
