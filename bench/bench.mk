@@ -65,3 +65,23 @@ bench: bench-models
 
 bench-models: venv arch-models
 	LLMOS_ARCH_MODELS=$(ARCH_MODELS) $(PY) bench/models.py --write
+
+# HTTP front-end (issue 13): 64 streaming clients for 60 s against the real supervisor and default model (about 2.5
+# min with the idle memory rounds), and what the front-end adds to the supervisor's RSS.
+.PHONY: bench-http bench-http-stack
+bench: bench-http bench-http-stack
+
+bench-http: venv
+	$(PY) bench/http_load.py --write
+
+# The server stacks compared (stdlib, aiohttp, starlette+uvicorn) need a venv of their own, outside the product's:
+# the two candidates we did not pick must never become dependencies.
+HTTP_STACK_VENV := $(CACHE)/http-stack-venv
+
+$(HTTP_STACK_VENV)/.ok:
+	@test -x $(HTTP_STACK_VENV)/bin/pip || $(PYTHON) -m venv $(HTTP_STACK_VENV)
+	$(HTTP_STACK_VENV)/bin/pip install -q psutil sqlite-utils pyyaml pyserial prometheus_client aiohttp starlette uvicorn
+	touch $@
+
+bench-http-stack: $(HTTP_STACK_VENV)/.ok
+	$(HTTP_STACK_VENV)/bin/python bench/http_stack.py --write
