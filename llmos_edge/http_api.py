@@ -11,8 +11,9 @@ away cancels its request. A full queue, and every /v1 endpoint while no model ca
 Retry-After. With `http.token` set, every endpoint but /health needs `Authorization: Bearer TOKEN` (or the token as
 the password of HTTP basic auth, for a browser on the status page).
 
-The server is the standard library's ThreadingHTTPServer, a thread per connection: 64 streaming clients cost about
-1 MiB (bench/http_stack.py measured the candidates; docs/http.md says why).
+The server is the standard library's ThreadingHTTPServer, a thread per connection: under 64 streaming clients the
+supervisor's peak RSS grew 2.6 MiB (bench/http_load.py; bench/http_stack.py compared the candidates; docs/http.md
+says why).
 """
 
 from __future__ import annotations
