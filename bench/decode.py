@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import begin
-from llmos_edge.engine import _prompt_text, load_cpu_backend
+from llmos_edge.engine_worker import load_cpu_backend, prompt_text
 from tests.integration.conftest import Appliance
 
 PROMPT = "reverse benchmark"
@@ -66,7 +66,7 @@ def raw_decode(llm: Any, prompt: str, max_tokens: int) -> Side:
     """One request on raw llama-cpp-python, as the engine worker drives it (in the child process of `RawSide`)."""
     import llama_cpp
 
-    text, add_bos = _prompt_text(llm, prompt)
+    text, add_bos = prompt_text(llm, prompt)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=not add_bos)
     budget = min(max_tokens, CONTEXT - len(tokens))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
