@@ -120,6 +120,7 @@ class Engine:
         self.tokens_total = 0  # tokens generated since this Engine was made, across worker restarts
         self.bad_cpu: list[str] = list(settings.exclude_cpu)
         self._send_lock = threading.Lock()  # the scheduler thread and the governor both send
+        self._preempt_sent = 0  # the job a Preempt was sent for by preempt(), so generate() does not send another
         self.duty = 1.0
 
     @property
@@ -230,18 +231,22 @@ class Engine:
             if not job:
                 self._rid -= 1  # ids of our own below zero never meet a caller's job id
                 job = self._rid
-            rid = self._current = job
+            rid = job
             sent_cancel = sent_preempt = False
             self.busy = True
             self.last_progress = time.monotonic()
             try:
-                self._send(
-                    conn, Resume(rid, temperature) if resume else Generate(rid, prompt, max_tokens, temperature, seed)
-                )
+                with self._send_lock:
+                    conn.send(
+                        Resume(rid, temperature) if resume else Generate(rid, prompt, max_tokens, temperature, seed)
+                    )
+                    # Only now may preempt() send: a Preempt that reached the worker before its job would be stale.
+                    self._current, self._preempt_sent = rid, 0
                 while True:
                     if not sent_cancel and cancelled():
                         self._send(conn, Cancel(rid))
                         sent_cancel = True
+                    sent_preempt = sent_preempt or self._preempt_sent == rid
                     if not sent_preempt and not sent_cancel and preempt():
                         self._send(conn, Preempt(rid))
                         sent_preempt = True
@@ -275,7 +280,23 @@ class Engine:
                 raise EngineError(f"the engine crashed ({self.exit_description()})") from None
             finally:
                 self.busy = False
+                with self._send_lock:
+                    self._current = 0
                 self.last_progress = time.monotonic()
+
+    def preempt(self, job: int) -> None:
+        """Ask running job `job` to stop at its next token, now: generate() itself would ask only when it next wakes
+        (a token message, up to STREAM_INTERVAL away, or its 50 ms poll), which an interactive request's first token
+        would wait for. A job that is not running is left alone (the `preempt` callable of generate still decides)."""
+        conn = self._conn
+        with self._send_lock:
+            if conn is None or not self.busy or self._current != job or self._preempt_sent == job:
+                return
+            try:
+                conn.send(Preempt(job))
+            except OSError:
+                return  # a dead worker: generate() reports it
+            self._preempt_sent = job
 
     def _send(self, conn: multiprocessing.connection.Connection, msg: ToWorker) -> None:
         with self._send_lock:  # the scheduler's thread and the governor's both send
