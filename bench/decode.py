@@ -228,6 +228,7 @@ def main() -> int:
                         False,
                     )
                     return report.exit_code()  # the rates would compare different work: nothing to write
+            governor = app.console.status().get("thermal", "unknown")  # throttling would slow the llmos side only
         finally:
             if raw_side is not None:
                 raw_side.close()
@@ -270,7 +271,7 @@ def main() -> int:
         + ", ".join(f"{f.rate / r.rate:.3f}" for f, r in zip(full, raw, strict=True))
         + "; 1-minute load average "
         + ", ".join(f"{x:.2f}" for x in loads)
-        + ".\n"
+        + f". The governor at the end: thermal: {governor}.\n"
     )
     report.write_section(
         "decode",
