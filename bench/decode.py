@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import begin, load_average
+from bench.report import begin, busy_machine, load_average
 from llmos_edge.engine_worker import load_cpu_backend, prompt_text
 from tests.integration.conftest import Appliance
 
@@ -272,6 +272,7 @@ def main() -> int:
         + "; 1-minute load average "
         + ", ".join(f"{x:.2f}" for x in loads)
         + f". The governor at the end: thermal: {governor}.\n"
+        + busy_machine(report.load_start[0])
     )
     report.write_section(
         "decode",

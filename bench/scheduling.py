@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import begin, load_average
+from bench.report import begin, busy_machine, load_average
 from tests.integration.conftest import Appliance
 
 QUESTION = "hello"
@@ -131,6 +131,7 @@ def main() -> int:
             f"{statistics.median(total * 1000 - q - t for total, (q, t) in zip(times, rows, strict=True)):.1f} |\n"
             for name, rows, times in (("idle", parts["idle"], idle), ("background job running", parts["busy"], busy))
         )
+        + busy_machine(report.load_start[0])
     )
     report.verdict(
         "time to first token during a background job",
