@@ -10,6 +10,11 @@ readiness self-test), and its cache then holds what the worker's holds. Every ro
 same tokens (prompt tokens, answer tokens and answer text), so the ratio of their rates is the cost of the
 supervisor, the worker pipe and the console.
 
+Both rates run from the first answer token to the last: on the llmos side from the first to the last answer byte on
+the pty, so the request's row written to SQLite and the prompt printed after the answer are not taken for decoding
+(that tail is reported apart). The rounds alternate which side goes first, and the worker must run the thread count
+asked for (the governor could choose fewer).
+
 Target: the median llmos rate at least 0.97x the median raw rate (MIN_RATIO), over at least 3 rounds fixed before
 measuring; exits 1 and prints MISSED when it is less, or when the two sides produced different tokens.
 """
@@ -31,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import begin
-from llmos_edge.engine import _prompt_text, load_cpu_backend
+from bench.report import begin, busy_machine, load_average
+from llmos_edge.engine_worker import load_cpu_backend, prompt_text
 from tests.integration.conftest import Appliance
 
 PROMPT = "reverse benchmark"
@@ -66,7 +71,7 @@ def raw_decode(llm: Any, prompt: str, max_tokens: int) -> Side:
     """One request on raw llama-cpp-python, as the engine worker drives it (in the child process of `RawSide`)."""
     import llama_cpp
 
-    text, add_bos = _prompt_text(llm, prompt)
+    text, add_bos = prompt_text(llm, prompt)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=not add_bos)
     budget = min(max_tokens, CONTEXT - len(tokens))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -127,23 +132,33 @@ class RawSide:
         self.proc.wait(60)
 
 
-def full_rate(app: Appliance) -> Side:
+def full_rate(app: Appliance) -> tuple[Side, float]:
+    """One request through the console, and the time from its last answer byte to the prompt (s).
+
+    The rate is the raw side's: from the first answer byte to the last. What follows the last token (the request's
+    row written to SQLite, then the newline and the prompt) is not decoding; it is returned apart, as the tail."""
     c = app.console
     c.send(PROMPT + "\r")
-    c.read_until(b"\r\n", 30)  # the echoed line
-    first = b""
-    while not first:
-        first = c.port.read(4096)
-    t_first = time.perf_counter()
-    c.buf += first
-    c.read_until(b"llmos> ", 120)
-    t_end = time.perf_counter()
+    c.read_until(PROMPT.encode() + b"\r\n", 30)  # the echoed line
+    arrivals: list[tuple[float, int]] = []  # (arrival time, bytes received by then)
+    received = bytearray(c.buf)
+    c.buf.clear()
+    if received:  # the first answer bytes came with the echo: they arrived by now (the conservative side)
+        arrivals.append((time.perf_counter(), len(received)))
+    while b"llmos> " not in received:
+        if chunk := c.port.read(4096):
+            received += chunk
+            arrivals.append((time.perf_counter(), len(received)))
+    t_first = arrivals[0][0]
+    answer_end = received.rindex(b"\r\nllmos> ")  # the console ends an answer with a newline, then the prompt
+    t_last = next(t for t, n in arrivals if n >= answer_end)
+    t_prompt = arrivals[-1][0]
     con = sqlite3.connect(app.db)
     tokens_in, n, text = con.execute(
         "SELECT tokens_in, tokens_out, answer FROM requests ORDER BY id DESC LIMIT 1"
     ).fetchone()
     con.close()
-    return Side(rate(n, t_end - t_first), tokens_in, n, text)
+    return Side(rate(n, t_last - t_first), tokens_in, n, text), t_prompt - t_last
 
 
 def main() -> int:
@@ -173,7 +188,11 @@ def main() -> int:
         try:
             app.wait_ready(300)
             app.console.read_until(b"llmos> ", 30)
-            variant = app.console.status()["engine"].rsplit("cpu ", 1)[1]
+            engine_line = app.console.status()["engine"]  # pid P, ctx N, T threads, cpu V
+            variant = engine_line.rsplit("cpu ", 1)[1]
+            threads = int(engine_line.split(" threads")[0].rsplit(" ", 1)[1])
+            if threads != args.threads:  # the governor chose fewer: the sides would not do the same work
+                raise SystemExit(f"the engine runs {threads} threads, not {args.threads}: {engine_line}")
             env = process_environment(app.engine_pid())
             raw_side = RawSide(args.model, args.threads, variant, env)
             con = sqlite3.connect(app.db)
@@ -183,12 +202,22 @@ def main() -> int:
                 raw_side.ask(prompt, tokens_out)
             raw: list[Side] = []
             full: list[Side] = []
+            tails: list[float] = []
+            loads: list[float] = []
             for r in range(args.rounds):
-                raw.append(raw_side.ask(PROMPT, args.tokens))
-                full.append(full_rate(app))
+                # Alternate which side goes first, so a drift in the machine's load favours neither.
+                if r % 2 == 0:
+                    raw.append(raw_side.ask(PROMPT, args.tokens))
+                full_side, tail = full_rate(app)
+                full.append(full_side)
+                tails.append(tail)
+                if r % 2 == 1:
+                    raw.append(raw_side.ask(PROMPT, args.tokens))
+                loads.append(load_average()[0])
                 print(
                     f"round {r + 1}: raw {raw[-1].rate:.1f} tok/s ({raw[-1].tokens_out} tokens), "
-                    f"llmos {full[-1].rate:.1f} tok/s ({full[-1].tokens_out} tokens)",
+                    f"llmos {full[-1].rate:.1f} tok/s ({full[-1].tokens_out} tokens), "
+                    f"last answer byte to prompt {tail * 1000:.1f} ms, load {loads[-1]:.2f}",
                     flush=True,
                 )
                 if not full[-1].same_work(raw[-1]):
@@ -199,6 +228,7 @@ def main() -> int:
                         False,
                     )
                     return report.exit_code()  # the rates would compare different work: nothing to write
+            governor = app.console.status().get("thermal", "unknown")  # throttling would slow the llmos side only
         finally:
             if raw_side is not None:
                 raw_side.close()
@@ -225,14 +255,24 @@ def main() -> int:
     body = (
         f"Model: `{args.model.name}` ({info.n_params / 1e6:.1f}M parameters, {info.quantization}, random weights), "
         f"{args.threads} threads, CPU variant {variant}, context {CONTEXT}, greedy, up to {args.tokens} tokens, "
-        f"{args.rounds} alternating rounds (raw first). Both sides: the prompt `{PROMPT}` as the engine formats it "
+        f"{args.rounds} alternating rounds (raw first in odd rounds, llmos first in even ones). "
+        f"Both sides: the prompt `{PROMPT}` as the engine formats it "
         f"({raw[0].tokens_in} tokens), the worker's environment (GOMP_SPINCOUNT {spin}), and the same "
         f"{raw[0].tokens_out} answer tokens, checked every round.\n\n"
         "| path | median decode tok/s | rounds |\n|---|---|---|\n"
         f"| raw llama-cpp-python | {raw_median:.1f} | {', '.join(f'{s.rate:.0f}' for s in raw)} |\n"
         f"| llmos console -> scheduler -> worker -> pty | {full_median:.1f} | "
         f"{', '.join(f'{s.rate:.0f}' for s in full)} |\n\n"
-        f"**Ratio llmos / raw: {ratio:.3f}** (target >= {MIN_RATIO:g})\n"
+        f"**Ratio llmos / raw: {ratio:.3f}** (target >= {MIN_RATIO:g})\n\n"
+        "Both rates run from the first answer token to the last (on the llmos side, first to last answer byte on the "
+        "pty). After the last token the llmos side also writes the request's row to SQLite and prints the prompt: "
+        f"median {statistics.median(tails) * 1000:.1f} ms from the last answer byte to the prompt, not counted as "
+        "decoding. Per round: ratio "
+        + ", ".join(f"{f.rate / r.rate:.3f}" for f, r in zip(full, raw, strict=True))
+        + "; 1-minute load average "
+        + ", ".join(f"{x:.2f}" for x in loads)
+        + f". The governor at the end: thermal: {governor}.\n"
+        + busy_machine(report.load_start[0])
     )
     report.write_section(
         "decode",

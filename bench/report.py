@@ -64,6 +64,19 @@ def load_average() -> LoadAverage:
     return float(one), float(five), float(fifteen)
 
 
+def busy_machine(load_1min: float) -> str:
+    """A sentence for a section measured while other work kept more threads runnable than there are CPUs (the
+    inference threads then wait for each other at every step), or "" on a machine quiet enough."""
+    cpus = os.cpu_count() or 1
+    if load_1min <= cpus:
+        return ""
+    return (
+        f"\n**Busy machine:** the 1-minute load average was {load_1min:.2f} on {cpus} CPUs at the start; other "
+        "processes' threads interleaved with the inference threads, so these figures measure that contention more "
+        "than llmos. Rerun on a quiet machine before reading the ratio.\n"
+    )
+
+
 def _load(load: LoadAverage) -> str:
     return " / ".join(f"{x:.2f}" for x in load)
 

@@ -57,6 +57,8 @@ class EngineLike(Protocol):
 
     def discard(self, job: int) -> None: ...
 
+    def preempt(self, job: int) -> None: ...
+
 
 class Recorder(Protocol):
     def record_request(self, row: dict[str, object]) -> None: ...
@@ -197,6 +199,10 @@ class Scheduler:
                 req.deadline_s = self.deadlines.get(req.priority)
             self._queues[req.priority].append(req)
             self._cond.notify_all()
+            if self.current is not None and self._should_preempt(self.current):
+                # At once: the engine would otherwise notice only when it next polls (up to 50 ms), and the
+                # interactive request's first token would wait for that.
+                self.engine.preempt(self.current.id)
         return req
 
     def cancel_all(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.models import CONTEXTS, ENV, SENTENCE, TOLERANCE, measure, models_dir
-from llmos_edge.engine import load_cpu_backend
+from llmos_edge.engine_worker import load_cpu_backend
 from llmos_edge.models import MIB, GGUFInfo, read_gguf
 
 MIN_ARCHITECTURES = 8

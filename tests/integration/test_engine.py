@@ -54,6 +54,26 @@ def test_preempted_generation_resumes_exactly(engine: Engine) -> None:
     assert first[:-1] + rest == whole
 
 
+def test_preempt_from_another_thread_stops_the_job_at_once_and_it_resumes_exactly(engine: Engine) -> None:
+    # The scheduler's path: it calls preempt(job) when an interactive request arrives; the `preempt` callable that
+    # generate() polls never says yes here, so only preempt() can have stopped it.
+    whole = run(engine, "reverse abcdefghij", job=1)
+    engine.set_limits(duty=0.1)
+    first_token = threading.Event()
+    asker = threading.Thread(target=lambda: first_token.wait(10) and engine.preempt(2))
+    asker.start()
+    got: list[str] = []
+    stats = engine.generate(
+        "reverse abcdefghij", 64, lambda t: (got.append(t), first_token.set()), lambda: False, job=2
+    )
+    asker.join()
+    engine.set_limits(duty=1.0)
+    assert stats.stop == "preempted" and 1 <= len(stats.text) < len(whole)
+    engine.preempt(2)  # no longer running: nothing is sent, the resume below is not cut short
+    rest = run(engine, "reverse abcdefghij", job=2, resume=True)
+    assert stats.text + rest == whole
+
+
 @pytest.mark.skipif(not SPEED_MODEL.exists(), reason="make speed-model builds it (the integration target does)")
 def test_long_generation_resumes_exactly_after_two_preemptions() -> None:
     e = Engine(EngineSettings(str(SPEED_MODEL), n_ctx=512, n_threads=2))

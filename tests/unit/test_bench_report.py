@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import HEADER, begin, commit, load_average
+from bench.report import HEADER, begin, busy_machine, commit, load_average
 
 
 def git(repo: Path, *args: str) -> str:
@@ -122,3 +122,10 @@ def test_rewriting_a_section_replaces_it_and_keeps_the_others(repo: Path) -> Non
     decode = text[text.index("<!-- bench:decode -->") : text.index("<!-- /bench:decode -->")]
     assert "new figures" in decode and "- met ratio: 0.99 (target >= 0.97)" in decode and "MISSED" not in decode
     assert "recognised 1/2" in text and "- no target (report only)" in text
+
+
+def test_a_section_measured_on_a_busy_machine_says_so() -> None:
+    cpus = os.cpu_count() or 1
+    assert busy_machine(cpus * 0.5) == ""
+    note = busy_machine(cpus + 2.5)
+    assert "Busy machine" in note and f"{cpus + 2.5:.2f} on {cpus} CPUs" in note

@@ -21,6 +21,7 @@ class ScriptedEngine:
         self.paused: dict[int, GenerationStats] = {}
         self.discarded: list[int] = []
         self.temperatures: list[float] = []
+        self.preempt_calls: list[int] = []
 
     def generate(
         self,
@@ -58,6 +59,9 @@ class ScriptedEngine:
 
     def discard(self, job: int) -> None:
         self.discarded.append(job)
+
+    def preempt(self, job: int) -> None:
+        self.preempt_calls.append(job)
 
 
 class Rows:
@@ -103,6 +107,32 @@ def test_interactive_goes_before_background_and_fifo_within_a_class(
     # "first" is paused for the interactive ones, then resumes before any other background work
     assert eng.order == ["first", "i1", "i2", "first (resumed)", "b2"]
     assert first.result is not None and first.result.text == "tsrif" and first.preemptions == 1
+
+
+def test_an_interactive_request_asks_the_engine_to_preempt_at_once(
+    setup: tuple[ScriptedEngine, Rows, Scheduler],
+) -> None:
+    # The engine's own poll of `preempt` may be 50 ms away; the interactive request's first token must not wait.
+    eng, _rows, s = setup
+    eng.gate.clear()
+    bg = s.submit(Request("background", priority="background"))
+    time.sleep(0.1)  # running, held at the gate: the engine polls nothing meanwhile
+    assert eng.preempt_calls == []
+    s.submit(Request("now"))
+    assert eng.preempt_calls == [bg.id]
+    eng.gate.set()
+    assert bg.wait(5) is not None
+
+
+def test_an_aged_or_interactive_request_is_not_preempted(setup: tuple[ScriptedEngine, Rows, Scheduler]) -> None:
+    eng, _rows, s = setup
+    eng.gate.clear()
+    first = s.submit(Request("first"))
+    time.sleep(0.1)
+    s.submit(Request("second"))
+    eng.gate.set()
+    assert first.wait(5) is not None
+    assert eng.preempt_calls == []
 
 
 def test_a_preempted_request_streams_every_token_once_in_order() -> None:
