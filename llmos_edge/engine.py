@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from llmos_edge.engine_protocol import (
@@ -72,6 +72,10 @@ class EngineError(Exception):
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class BadRequest(EngineError):
+    """The request itself cannot run (longer than the context, refused by the chat template); the engine is fine."""
 
 
 class IllegalInstruction(Exception):
@@ -217,6 +221,8 @@ class Engine:
         job: int = 0,
         resume: bool = False,
         preempt: Callable[[], bool] = lambda: False,
+        messages: Sequence[Mapping[str, str]] = (),
+        raw: bool = False,
     ) -> GenerationStats:
         """Run one request, calling on_token for each piece of text. Cancellation and preemption are polled
         between tokens. A preempted job returns stats with stop="preempted"; call again with the same `job` and
@@ -238,7 +244,17 @@ class Engine:
             try:
                 with self._send_lock:
                     conn.send(
-                        Resume(rid, temperature) if resume else Generate(rid, prompt, max_tokens, temperature, seed)
+                        Resume(rid, temperature)
+                        if resume
+                        else Generate(
+                            rid,
+                            prompt,
+                            max_tokens,
+                            temperature,
+                            seed,
+                            tuple((m["role"], m["content"]) for m in messages),
+                            raw,
+                        )
                     )
                     # Only now may preempt() send: a Preempt that reached the worker before its job would be stale.
                     self._current, self._preempt_sent = rid, 0
@@ -269,8 +285,8 @@ class Engine:
                             on_token(text)
                         case Done(_, stats) | Preempted(_, stats):
                             return stats
-                        case Failed(_, message):
-                            raise EngineError(message)
+                        case Failed(_, message, bad_request):
+                            raise BadRequest(message) if bad_request else EngineError(message)
             except ProtocolError as e:
                 self._kill_locked()
                 raise EngineError(f"the engine was restarted: {e}") from None

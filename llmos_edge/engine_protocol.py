@@ -67,6 +67,9 @@ class Generate:
     max_tokens: int
     temperature: float
     seed: int
+    # A chat: (role, content) pairs for the model's chat template; `prompt` is then its last user message.
+    messages: tuple[tuple[str, str], ...] = ()
+    raw: bool = False  # the prompt as it is, no template (a text completion)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class Preempted:
 class Failed:
     rid: int
     message: str
+    # The request itself is at fault (longer than the context, refused by the model's chat template): another
+    # request would do; the worker and the model are fine.
+    bad_request: bool = False
 
 
 FromWorker = CpuVariant | Loaded | LoadFailed | Progress | Tokens | Done | Preempted | Failed

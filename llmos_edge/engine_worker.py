@@ -105,26 +105,40 @@ def load_cpu_backend(exclude: tuple[str, ...] = (), only: str = "") -> str:
     return "builtin"  # a wheel built without GGML_BACKEND_DL has its CPU backend linked in
 
 
-def prompt_text(llm: Any, prompt: str) -> tuple[str, bool]:
-    """The text given to the model for a user's question, and whether to add BOS.
+class BadPrompt(Exception):
+    """The request cannot be run as given (the model's chat template refused it)."""
 
-    Our own models carry `llmos.prompt_template`; models with a chat template use it; others get the raw text.
+
+def prompt_text(
+    llm: Any, prompt: str, messages: tuple[tuple[str, str], ...] = (), raw: bool = False
+) -> tuple[str, bool]:
+    """The text given to the model, and whether to add BOS.
+
+    `raw` (a text completion): the prompt as it is. Our own models carry `llmos.prompt_template`, made for one
+    question: the prompt (a chat's last user message) goes in it. Models with a chat template get the whole
+    conversation (`messages`, or the one question) through it. Others get the raw text (a chat's contents, one per
+    line).
     """
+    if raw:
+        return prompt, True
     meta = llm.metadata
     template = meta.get("llmos.prompt_template")
     if template:
         return template.replace("{prompt}", prompt), True
     chat = meta.get("tokenizer.chat_template")
+    turns = [{"role": r, "content": c} for r, c in messages] or [{"role": "user", "content": prompt}]
     if chat:
+        import jinja2
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
         eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
-        formatted = Jinja2ChatFormatter(chat, eos_token=eos, bos_token=bos)(
-            messages=[{"role": "user", "content": prompt}]
-        )
+        try:
+            formatted = Jinja2ChatFormatter(chat, eos_token=eos, bos_token=bos)(messages=turns)  # type: ignore[arg-type]
+        except (jinja2.TemplateError, ValueError) as e:  # e.g. no system message allowed, or turns not alternating
+            raise BadPrompt(f"the model's chat template refused this conversation: {e}") from None
         return formatted.prompt, False
-    return prompt, True
+    return "\n".join(t["content"] for t in turns), True
 
 
 @dataclass
@@ -219,14 +233,21 @@ class _Worker:
                     self.backlog.append(msg)  # waits its turn
         return ""
 
-    def start_job(self, rid: int, prompt: str, max_tokens: int, seed: int) -> _Job | None:
+    def start_job(self, msg: Generate) -> _Job | None:
         t0 = time.perf_counter()
-        text, add_bos = prompt_text(self.llm, prompt)
+        rid = msg.rid
+        try:
+            text, add_bos = prompt_text(self.llm, msg.prompt, msg.messages, msg.raw)
+        except BadPrompt as e:
+            self.conn.send(Failed(rid, str(e), bad_request=True))
+            return None
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=not add_bos)
         n_ctx = self.llm.n_ctx()
         if len(tokens) >= n_ctx:
-            self.conn.send(Failed(rid, f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}"))
+            message = f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}"
+            self.conn.send(Failed(rid, message, bad_request=True))
             return None
+        seed, max_tokens = msg.seed, msg.max_tokens
         self.llm.set_seed(seed)
         return _Job(
             rid=rid,
@@ -339,10 +360,10 @@ class _Worker:
                         return
                     case Limits():
                         self.apply_limits(msg)
-                    case Generate(rid, prompt, max_tokens, temperature, seed):
-                        job = self.start_job(rid, prompt, max_tokens, seed)
+                    case Generate():
+                        job = self.start_job(msg)
                         if job is not None:
-                            self.run_job(job, temperature)
+                            self.run_job(job, msg.temperature)
                     case Resume(rid, temperature):
                         suspended = self.suspended.pop(rid, None)
                         if suspended is None:

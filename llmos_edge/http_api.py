@@ -510,6 +510,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(503, result.error, "unavailable_error", result.retry_after_s or LOADING_RETRY_S)
         if result.outcome == "cancelled":
             raise ApiError(503, result.error or "cancelled", "unavailable_error", LOADING_RETRY_S)
+        if result.bad_request:
+            raise ApiError(400, result.error, "invalid_request_error")
         raise ApiError(500, result.error or "the engine failed", "server_error")
 
     def _collect(self, run: _Run, first: tuple[str, Any], stops: StopFilter, emit: Callable[[str], None]) -> Result:

@@ -19,11 +19,11 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from llmos_edge.engine import EngineError, GenerationStats
+from llmos_edge.engine import BadRequest, EngineError, GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class EngineLike(Protocol):
         job: int = 0,
         resume: bool = False,
         preempt: Callable[[], bool] = lambda: False,
+        messages: Sequence[Mapping[str, str]] = (),
+        raw: bool = False,
     ) -> GenerationStats: ...
 
     def discard(self, job: int) -> None: ...
@@ -72,6 +74,7 @@ class Result:
     stats: GenerationStats = field(default_factory=GenerationStats)
     queue_wait_s: float = 0.0
     retry_after_s: int = 0  # refused for being busy: when trying again may work
+    bad_request: bool = False  # an error in the request itself (too long for the context ...), not in the engine
 
 
 _ids = itertools.count(1)
@@ -311,9 +314,12 @@ class Scheduler:
                 job=req.id,
                 resume=req.paused,
                 preempt=lambda: self._should_preempt(req),
+                messages=req.messages,
+                raw=req.raw,
             )
         except EngineError as e:
-            self._finish(req, Result("error", error=str(e), queue_wait_s=wait_s), rss_start)
+            result = Result("error", error=str(e), queue_wait_s=wait_s, bad_request=isinstance(e, BadRequest))
+            self._finish(req, result, rss_start)
             return
         finally:
             req.ran_s += time.monotonic() - now

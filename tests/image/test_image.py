@@ -382,7 +382,7 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
     log = journal(disk, tmp_path / "j", "-u", "llmos.service", "-o", "short-monotonic")
     errors = [x for x in log.splitlines() if re.search(r"ERROR llmos_edge\.voice|arecord|overrun", x)]
     assert not errors, "\n".join(errors)
-    ready = re.search(r"^\[\s*([\d.]+)\].* llmos_edge\.supervisor: ready: ", log, re.M)
+    ready = re.search(r"^\[\s*([\d.]+)\].* llmos_edge\.readiness: ready: ", log, re.M)
     started = re.search(r"^\[\s*([\d.]+)\].* voice: listening on default$", log, re.M)
     assert ready and started, log
     measure("voice_guest_s_from_ready_to_listening_nehalem", round(float(started[1]) - float(ready[1]), 1))

@@ -328,3 +328,50 @@ def test_the_readme_examples_work_as_written(appliance_factory: type[Appliance])
     script = readme_example("http-python").replace("8080", str(port))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "I am llmos-tiny, a small llama model running offline.", out.stdout
+
+
+def test_a_chat_goes_through_the_models_template_and_a_completion_does_not(
+    appliance_factory: type[Appliance],
+) -> None:
+    """Every turn of a chat reaches a real chat template (llama.cpp's Llama-3 vocabulary and template, random
+    weights); a template that refuses a turn, and a prompt longer than the context, are the client's 400s."""
+    archs = Path(os.environ.get("LLMOS_ARCH_MODELS", Path.home() / ".cache/llmos-edge/models/archs"))
+    model = archs / "llama3.gguf"
+    if not model.exists():
+        pytest.fail(f"{model} is missing; `make arch-models` builds it")
+    port = free_port()
+    app = appliance_factory(config=http_config(port), model=model, override="model:\n  max_tokens: 4\n")
+    app.wait_ready(120)
+    c = client(port)
+    one = [{"role": "user", "content": "hello there"}]
+    turns = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        *one,
+    ]
+    alone = c.chat.completions.create(model="m", messages=one).usage  # type: ignore[arg-type]
+    whole = c.chat.completions.create(model="m", messages=turns).usage  # type: ignore[arg-type]
+    raw = c.completions.create(model="m", prompt="hello there").usage
+    assert alone and whole and raw
+    # The template wraps each turn in header tokens: the whole chat is longer than its last message by far more
+    # than the words it adds, and the raw completion is the two words and BOS, with no template at all.
+    assert whole.prompt_tokens >= alone.prompt_tokens + 12, (whole, alone)
+    assert raw.prompt_tokens <= 4 < alone.prompt_tokens, (raw, alone)
+    code, _, body = call(port, "/v1/completions", {"prompt": "word " * 5000})
+    assert code == 400 and "context holds" in json.loads(body)["error"]["message"], body
+
+
+def test_a_template_that_refuses_a_turn_is_the_clients_400(appliance_factory: type[Appliance]) -> None:
+    archs = Path(os.environ.get("LLMOS_ARCH_MODELS", Path.home() / ".cache/llmos-edge/models/archs"))
+    model = archs / "gemma2.gguf"  # Gemma's template raises on a system message
+    if not model.exists():
+        pytest.fail(f"{model} is missing; `make arch-models` builds it")
+    port = free_port()
+    app = appliance_factory(config=http_config(port), model=model, override="model:\n  max_tokens: 4\n")
+    app.wait_ready(120)
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    code, _, answer = call(port, "/v1/chat/completions", body)
+    err = json.loads(answer)["error"]
+    assert code == 400 and "chat template refused" in err["message"], answer
+    assert call(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0] == 200

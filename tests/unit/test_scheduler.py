@@ -2,7 +2,7 @@
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -35,6 +35,8 @@ class ScriptedEngine:
         job: int = 0,
         resume: bool = False,
         preempt: Callable[[], bool] = lambda: False,
+        messages: Sequence[Mapping[str, str]] = (),
+        raw: bool = False,
     ) -> GenerationStats:
         self.order.append(prompt + (" (resumed)" if resume else ""))
         self.temperatures.append(temperature)
