@@ -479,7 +479,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(503, str(e), "unavailable_error", e.retry_after_s or LOADING_RETRY_S) from None
         run = _Run(req, events)
         first = self._first_event(run)  # nothing is sent before it: a refusal is still a plain 503
-        if first[0] == "done":
+        if first[0] == "done" and first[1].outcome != "ok":  # done at once and "ok": an empty answer (EOS first)
             self._refusal(first[1])
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{req.id}", "created": int(time.time()), "model": _name(s)}
         if g.stream:
