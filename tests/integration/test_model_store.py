@@ -258,7 +258,13 @@ def test_memory_briefly_short_is_retried(appliance_factory: type[Appliance], tmp
     while time.monotonic() < deadline and not rows(app, "SELECT 1 FROM events WHERE kind='model_retry'"):
         time.sleep(0.2)
     app.console.read_until(b"llmos> ", 10)  # the banner's prompt
+    # The backoff starts at 0.2 s and doubles: between two tries the state is "loading" again, so a single
+    # look can fall on a try. Look until a wait between tries is seen (the waits grow, so one is long enough).
+    deadline = time.monotonic() + 20
     state = app.console.status()["state"]
+    while not state.startswith("retrying") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        state = app.console.status()["state"]
     assert state.startswith("retrying (memory is short for now: ") and "trying again in" in state, state
     _meminfo(root, 2048)
     app.wait_ready(60)
