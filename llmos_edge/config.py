@@ -319,6 +319,37 @@ class VoiceConfig:
 
 
 @dataclass(frozen=True)
+class LearningConfig:
+    teach: bool = setting(
+        True,
+        "Taught answers (`/teach QUESTION => ANSWER`, `llmos teach`, POST /v1/teach): a question taught here, and its "
+        "everyday variants, gets the taught text instead of the model's answer. False: nothing can be taught and "
+        "taught pairs stay stored but unused.",
+    )
+    max_pairs: int = setting(10000, "Most taught pairs kept; teaching one more is refused with a hint.", minimum=1)
+    memory: bool = setting(
+        True,
+        "Conversation memory: each source's answered questions are stored as turns, and a new question gets its "
+        "relevant earlier turns (full-text search) before it, within the context budget.",
+    )
+    keep_turns: int = setting(
+        1000,
+        "Turns kept per source (console, submit, http, voice); older ones are deleted as new ones come.",
+        minimum=1,
+    )
+    keep_days: float = setting(30.0, "Turns older than this many days are deleted and never recalled.", minimum=0.01)
+    recall_turns: int = setting(
+        4, "Most earlier turns put before a question; 0 stores turns but recalls none.", minimum=0, maximum=64
+    )
+    recall_tokens: int = setting(
+        512,
+        "Most tokens the recalled turns may take (counted as an upper bound: a byte a token); the context's room, "
+        "after the question and model.max_tokens, limits them too.",
+        minimum=0,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -329,6 +360,7 @@ class Config:
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     voice: VoiceConfig = field(default_factory=VoiceConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
 
 
 _SECTION_TYPES: dict[str, type[Any]] = {
@@ -341,6 +373,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "governor": GovernorConfig,
     "voice": VoiceConfig,
     "http": HttpConfig,
+    "learning": LearningConfig,
 }
 
 

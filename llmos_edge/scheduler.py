@@ -9,6 +9,8 @@
 - Preemption: an interactive request arriving while a background generation runs pauses it (llama.cpp's state is
   saved in the worker); the interactive one is served, then the background one resumes exactly where it stopped.
 - Cancellation from any front-end, queued or running; admission by the governor before a request starts.
+- Before a request starts, `prepare` may answer it from a taught pair (learning.py: no engine needed, recorded like
+  any answer) or give it the recalled earlier turns of its conversation (memory.py).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Request:
     # its last user message, for the request's row. Empty: `prompt` is one question.
     messages: tuple[dict[str, str], ...] = ()
     raw: bool = False  # HTTP's /v1/completions: the prompt as it is, no chat template
+    taught_id: int = 0  # answered from this taught pair (learning.py), not by the engine
+    recalled: tuple[int, ...] = ()  # earlier turns of its conversation put before it (memory.py)
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -134,6 +138,7 @@ class Scheduler:
         admit: Callable[[Request], str | None] = lambda _r: None,
         unavailable: Callable[[], str] = lambda: "",
         observe: Callable[[Request, Result], None] = lambda _req, _res: None,
+        prepare: Callable[[Request], str | None] = lambda _r: None,
     ) -> None:
         self.engine = engine
         self.recorder = recorder
@@ -148,7 +153,10 @@ class Scheduler:
         # While no engine is ready: "" if one is coming (loading, restarting: the request waits, up to its
         # deadline), else why none will come without a person (then the request is answered at once).
         self.unavailable = unavailable
-        self.observe = observe  # told of every finished request (the metrics)
+        self.observe = observe  # told of every finished request (the metrics, the conversation memory)
+        # Before a request starts: a taught answer to give instead of generating, or None (it may also set the
+        # request's messages to the recalled conversation).
+        self.prepare = prepare
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
         self._stopping = False
@@ -295,6 +303,17 @@ class Scheduler:
             self._finish(req, Result("cancelled", error="cancelled before it finished", queue_wait_s=wait_s))
             return
         if not req.paused:
+            try:
+                taught = self.prepare(req)
+            except Exception:  # teaching and memory are extras: a failure there must not cost the answer
+                log.exception("preparing request %d failed; it goes to the engine as it is", req.id)
+                taught = None
+            if taught is not None:
+                # Straight from the taught pair: no admission (it costs no engine time) and no wait for a model.
+                req.on_token(taught)
+                stats = GenerationStats(stop="taught", text=taught)
+                self._finish(req, Result("ok", text=taught, stats=stats, queue_wait_s=wait_s))
+                return
             refusal = self.admit(req)
             if refusal:
                 self._finish(req, Result("refused", error=refusal, queue_wait_s=wait_s))
@@ -371,6 +390,8 @@ class Scheduler:
                     "ttft_ms": round(s.ttft_s * 1000, 2),
                     "tok_s": round(s.decode_tok_s, 2),
                     "preemptions": req.preemptions,
+                    "taught_id": req.taught_id or None,
+                    "recalled": ",".join(map(str, req.recalled)) or None,
                     "outcome": result.outcome,
                     "error": result.error,
                     "created_at": time.time() - (time.monotonic() - req.created),

@@ -161,6 +161,50 @@ def _v5_samples(db: sqlite_utils.Database) -> None:
     db.table("samples").create_index(["at"])
 
 
+def _fts(db: sqlite_utils.Database, table: str, columns: tuple[str, ...]) -> None:
+    """An external-content FTS5 index over `columns` of `table`, kept in step by triggers (SQL written out here, not
+    sqlite-utils' enable_fts, so that a released migration cannot change with a library upgrade)."""
+    cols = ", ".join(columns)
+    new = ", ".join(f"new.{c}" for c in columns)
+    old = ", ".join(f"old.{c}" for c in columns)
+    fts = f"{table}_fts"
+    db.execute(
+        f"CREATE VIRTUAL TABLE [{fts}] USING fts5({cols}, content=[{table}], content_rowid=id, "
+        "tokenize='unicode61 remove_diacritics 2')"
+    )
+    db.execute(
+        f"CREATE TRIGGER [{table}_ai] AFTER INSERT ON [{table}] BEGIN "
+        f"INSERT INTO [{fts}](rowid, {cols}) VALUES (new.id, {new}); END"
+    )
+    db.execute(
+        f"CREATE TRIGGER [{table}_ad] AFTER DELETE ON [{table}] BEGIN "
+        f"INSERT INTO [{fts}]([{fts}], rowid, {cols}) VALUES ('delete', old.id, {old}); END"
+    )
+    db.execute(
+        f"CREATE TRIGGER [{table}_au] AFTER UPDATE ON [{table}] BEGIN "
+        f"INSERT INTO [{fts}]([{fts}], rowid, {cols}) VALUES ('delete', old.id, {old}); "
+        f"INSERT INTO [{fts}](rowid, {cols}) VALUES (new.id, {new}); END"
+    )
+
+
+def _v6_learning(db: sqlite_utils.Database) -> None:
+    """Taught pairs (llmos_edge/learning.py) and conversation memory (llmos_edge/memory.py), both searchable with
+    FTS5; and on each request row, the taught pair that answered it and the earlier turns recalled for it."""
+    db.execute(
+        "CREATE TABLE taught (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, question TEXT NOT NULL, "
+        "answer TEXT NOT NULL, source TEXT NOT NULL, taught_at REAL NOT NULL)"
+    )
+    _fts(db, "taught", ("question", "answer"))
+    db.execute(
+        "CREATE TABLE turns (id INTEGER PRIMARY KEY, source TEXT NOT NULL, at REAL NOT NULL, "
+        "question TEXT NOT NULL, answer TEXT NOT NULL, request_id INTEGER)"
+    )
+    db.execute("CREATE INDEX turns_source_at ON turns(source, at)")
+    _fts(db, "turns", ("question", "answer"))
+    db.table("requests").add_column("taught_id", int)
+    db.table("requests").add_column("recalled", str)  # ids of the turns recalled into the prompt, comma-separated
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -168,6 +212,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v3_voice,
     _v4_models,
     _v5_samples,
+    _v6_learning,
 ]
 
 
@@ -447,6 +492,19 @@ class Store:
                     f"cannot update the model registry in {self.path}: {e}",
                     "free space on /var (`/status` shows the database); the model store was left as it was",
                 ) from None
+
+    # -- taught pairs and conversation memory (learning.py, memory.py) ---------------------------------------
+    @contextlib.contextmanager
+    def locked(self, *, write: bool = False) -> Iterator[sqlite_utils.Database]:
+        """The database for a few statements of another module, with no other thread's in between; `write`: inside
+        one transaction. Unlike request rows, these writes are not held back on a full disk: a person who taught
+        the device something must hear at once that it was not kept."""
+        with self._lock:
+            if write:
+                with transaction(self.db):
+                    yield self.db
+            else:
+                yield self.db
 
     # -- reading -------------------------------------------------------------------------------------------
     def recent_requests(self, n: int = 10) -> list[dict[str, Any]]:

@@ -27,12 +27,14 @@ from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
 from llmos_edge.http_api import HttpApi
 from llmos_edge.keeper import Keeper, KeeperState
+from llmos_edge.learning import SOURCES, Teaching
+from llmos_edge.memory import TEMPLATE_RESERVE, Memory, prompt_cost
 from llmos_edge.metrics import Metrics
 from llmos_edge.model_store import ModelStore
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
 from llmos_edge.readiness import Readiness
 from llmos_edge.sampler import Sampler
-from llmos_edge.scheduler import Scheduler
+from llmos_edge.scheduler import Request, Result, Scheduler
 from llmos_edge.sensors import thermal_zones
 from llmos_edge.status import (
     EngineStatus,
@@ -66,6 +68,15 @@ class Supervisor:
             keep_events=c.database.keep_events,
             keep_voice=c.database.keep_voice,
             keep_samples=c.database.keep_samples,
+        )
+        # learning (issue 15): taught pairs and conversation memory, both in the database
+        self.teaching = Teaching(self.store, c.learning.max_pairs)
+        self.memory = Memory(
+            self.store,
+            keep_turns=c.learning.keep_turns,
+            keep_days=c.learning.keep_days,
+            recall_turns=c.learning.recall_turns,
+            recall_tokens=c.learning.recall_tokens,
         )
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
@@ -114,7 +125,8 @@ class Supervisor:
             memory_mb=self._engine_rss_mb,
             admit=self.governor.admit,  # governor (issue 4)
             unavailable=self.keeper.unavailable,
-            observe=self.metrics.observe if self.metrics else lambda _req, _res: None,
+            observe=self._observe,
+            prepare=self._prepare,
         )
         self.keeper.submit = self.scheduler.submit
         self.control: ControlServer | None = None
@@ -181,6 +193,42 @@ class Supervisor:
         if current is not None:
             log.warning("stopping request %d: %s", current.id, reason)
             current.cancel()
+
+    # -- learning (issue 15) -------------------------------------------------------------------------------
+    def _prepare(self, req: Request) -> str | None:
+        """Before a request starts: its taught answer, if one is taught; else its conversation's relevant earlier
+        turns go before it, within the room the context leaves (memory.py says how that is counted)."""
+        if req.raw or req.source not in SOURCES:
+            return None
+        lc = self.cfg.learning
+        if lc.teach:
+            pair = self.teaching.lookup(req.prompt)
+            if pair is not None:
+                req.taught_id = pair.id
+                return pair.answer
+        if lc.memory and len(req.messages) <= 1:  # a chat that brings its own history keeps it as it is
+            n_ctx = self.engine.info.n_ctx or self.cfg.model.context
+            room = n_ctx - req.max_tokens - prompt_cost(req.prompt) - TEMPLATE_RESERVE
+            turns = self.memory.recall(req.source, req.prompt, room)
+            if turns:
+                req.recalled = tuple(t.id for t in turns)
+                history = [
+                    ({"role": "user", "content": t.question}, {"role": "assistant", "content": t.answer}) for t in turns
+                ]
+                req.messages = (*(m for pair_ in history for m in pair_), {"role": "user", "content": req.prompt})
+        return None
+
+    def _observe(self, req: Request, result: Result) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(req, result)
+        if (
+            self.cfg.learning.memory
+            and req.source in SOURCES
+            and not req.raw
+            and result.outcome == "ok"
+            and result.text.strip()
+        ):
+            self.memory.remember(req.source, req.prompt, result.text, req.id)
 
     # -- status --------------------------------------------------------------------------------------------
     def status(self) -> Status:

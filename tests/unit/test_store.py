@@ -136,14 +136,14 @@ print(json.dumps(out))
 """
 
 
-def _on_a_small_tmpfs(tmp_path: Path, script: str) -> dict[str, Any]:
-    """Run `script` with a 512 KiB tmpfs as its argv[1], in a private mount namespace: the mount vanishes with the
-    process, and it works without root where user namespaces are allowed (Debian's default)."""
+def _on_a_small_tmpfs(tmp_path: Path, script: str, size: str = "512k") -> dict[str, Any]:
+    """Run `script` with a small tmpfs (512 KiB) as its argv[1], in a private mount namespace: the mount vanishes with
+    the process, and it works without root where user namespaces are allowed (Debian's default)."""
     unshare = shutil.which("unshare")
     assert unshare, "this test needs unshare (util-linux) to mount a small tmpfs in a private mount namespace"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    mount_and_run = 'mount -t tmpfs -o size=512k llmos-test "$1" && exec "$2" -c "$3" "$1"'
+    mount_and_run = f'mount -t tmpfs -o size={size} llmos-test "$1" && exec "$2" -c "$3" "$1"'
     r = subprocess.run(
         [unshare, "--mount", "--map-root-user", "sh", "-c", mount_and_run, "sh", mnt, sys.executable, script],
         capture_output=True,
@@ -195,7 +195,9 @@ print(json.dumps(out))
 
 
 def test_a_full_filesystem_at_start_does_not_stop_the_store(tmp_path: Path) -> None:
-    out = _on_a_small_tmpfs(tmp_path, FULL_AT_START)
+    # 1 MiB: the first start's write-ahead log (every migration, the FTS5 tables among them) must fit before the
+    # filesystem is filled up on purpose.
+    out = _on_a_small_tmpfs(tmp_path, FULL_AT_START, "1m")
     assert out["pending_full"] == 1 and out["rows_full"] == 40  # it opened, kept the row, pruned nothing yet
     assert "the disk was full at start" in out["degraded"] and out["degraded_after"] == ""
     assert out["prompts"] == [*(str(i) for i in range(32, 40)), "while full", "after"]
@@ -369,3 +371,21 @@ def test_events_can_be_read_by_kind(tmp_path: Path) -> None:
     ]
     assert [r["kind"] for r in s.recent_events(1, ("governor",))] == ["governor"]
     assert len(s.recent_events(10)) == 4
+
+
+def test_a_database_of_schema_5_gains_the_learning_tables_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = sqlite_utils.Database(tmp_path / "l.db")
+    for migration in MIGRATIONS[:5]:
+        migration(db)
+    db.execute("PRAGMA user_version=5")
+    db["requests"].insert({"prompt": "from before", "outcome": "ok"})
+    db.conn.commit()
+    db.conn.close()
+    s = Store(tmp_path / "l.db")
+    assert [r["prompt"] for r in s.recent_requests()] == ["from before"]
+    s.record_request({"prompt": "taught", "outcome": "ok", "taught_id": 3, "recalled": "1,2"})
+    assert s.recent_requests()[-1]["taught_id"] == 3
+    with s.locked(write=True) as d:
+        d.execute("INSERT INTO turns (source, at, question, answer) VALUES ('console', 0, 'kiwi fruit', 'green')")
+        assert d.execute("SELECT rowid FROM turns_fts WHERE turns_fts MATCH 'kiwi'").fetchall() == [(1,)]
+    s.close()

@@ -1,0 +1,195 @@
+"""Conversation memory (issue 15, point 3): each source's turns in SQLite, recalled into a follow-up through FTS5.
+
+A conversation is a source (console, submit, http, voice): every answered question of a person is stored as a turn.
+For a new question, the source's earlier turns that share its rarer words (FTS5 MATCH, ranked by bm25) are recalled,
+the best first, as many as `learning.recall_turns` allows and as fit the context budget, and given to the model as
+the conversation before the question (chronological user/assistant messages through the model's chat template).
+
+The budget is counted without the model's tokenizer, as an upper bound: a turn costs its UTF-8 bytes (no tokenizer
+makes more tokens than bytes, byte fallback being one token per byte) plus TURN_OVERHEAD tokens for the template's
+role markers; the question, the answer's max_tokens and TEMPLATE_RESERVE come off the context first. So the prompt
+always fits, whatever the model.
+
+Models that take one question (the default model's `llmos.prompt_template`) get only the question: they were trained
+without a conversation before it. Their turns are still stored and recalled (the request's row names them), ready for
+a model that can use them.
+
+Retention: at most `learning.keep_turns` turns per source and none older than `learning.keep_days`, applied as turns
+are written. Forget is per source (`/memory forget`), or everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from llmos_edge.errors import UserError
+from llmos_edge.learning import words
+from llmos_edge.store import Store
+
+log = logging.getLogger(__name__)
+
+TURN_OVERHEAD = 16  # tokens a chat template adds around one message (role markers, separators), generously
+TEMPLATE_RESERVE = 64  # tokens a template may add once (a default system prompt, the assistant's header)
+MAX_STORED_CHARS = 2000  # of a turn's question or answer: longer text is cut when stored
+# Words too common to make a turn relevant; words of one or two letters are skipped too.
+STOPWORDS = frozenset(
+    {
+        "the",
+        "and",
+        "for",
+        "are",
+        "but",
+        "not",
+        "you",
+        "your",
+        "yours",
+        "with",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "this",
+        "that",
+        "these",
+        "those",
+        "was",
+        "were",
+        "have",
+        "has",
+        "had",
+        "how",
+        "why",
+        "when",
+        "where",
+        "does",
+        "did",
+        "can",
+        "could",
+        "would",
+        "should",
+        "will",
+        "shall",
+        "from",
+        "into",
+        "about",
+        "there",
+        "their",
+        "them",
+        "they",
+        "then",
+        "than",
+        "its",
+        "please",
+        "thanks",
+        "thank",
+        "tell",
+        "llmos",
+        "hey",
+        "hello",
+        "some",
+        "any",
+        "very",
+        "just",
+        "also",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    id: int
+    source: str
+    at: float
+    question: str
+    answer: str
+
+    def cost(self) -> int:
+        """Upper bound of the tokens this turn takes in a prompt (the module's doc string)."""
+        return len(self.question.encode()) + len(self.answer.encode()) + 2 * TURN_OVERHEAD
+
+
+def prompt_cost(text: str) -> int:
+    return len(text.encode()) + TURN_OVERHEAD
+
+
+def query_terms(question: str) -> list[str]:
+    seen: list[str] = []
+    for w in words(question):
+        if len(w) > 2 and w not in STOPWORDS and w.isalnum() and w not in seen:
+            seen.append(w)
+    return seen
+
+
+class Memory:
+    def __init__(self, store: Store, *, keep_turns: int, keep_days: float, recall_turns: int, recall_tokens: int):
+        self.store = store
+        self.keep_turns = keep_turns
+        self.keep_days = keep_days
+        self.recall_turns = recall_turns
+        self.recall_tokens = recall_tokens
+
+    def remember(self, source: str, question: str, answer: str, request_id: int = 0) -> None:
+        """Store a turn and apply the retention limits to its source. A failure (a full disk) costs the turn only."""
+        now = time.time()
+        try:
+            with self.store.locked(write=True) as db:
+                db.execute(
+                    "INSERT INTO turns (source, at, question, answer, request_id) VALUES (?, ?, ?, ?, ?)",
+                    [source, now, question[:MAX_STORED_CHARS], answer[:MAX_STORED_CHARS], request_id or None],
+                )
+                db.execute("DELETE FROM turns WHERE at < ?", [now - self.keep_days * 86400])
+                db.execute(
+                    "DELETE FROM turns WHERE source = ? AND id <= (SELECT id FROM turns WHERE source = ? "
+                    "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    [source, source, self.keep_turns],
+                )
+        except sqlite3.Error as e:
+            log.error("could not store a turn of %s: %s", source, e)
+
+    def recall(self, source: str, question: str, budget: int) -> list[Turn]:
+        """The earlier turns of `source` relevant to `question`, best first while they fit `budget` tokens (at most
+        recall_turns of them), returned oldest first: the conversation to put before the question."""
+        budget = min(budget, self.recall_tokens)
+        terms = query_terms(question)
+        if not terms or budget <= 0 or self.recall_turns <= 0:
+            return []
+        match = " OR ".join(f'"{t}"' for t in terms)
+        since = time.time() - self.keep_days * 86400
+        with self.store.locked() as db:
+            rows = db.execute(
+                "SELECT t.id, t.source, t.at, t.question, t.answer FROM turns_fts JOIN turns t "
+                "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ? AND t.source = ? AND t.at >= ? "
+                "ORDER BY bm25(turns_fts), t.id DESC LIMIT 50",
+                [match, source, since],
+            ).fetchall()
+        chosen: list[Turn] = []
+        for r in rows:
+            turn = Turn(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]))
+            if turn.cost() <= budget:
+                chosen.append(turn)
+                budget -= turn.cost()
+                if len(chosen) == self.recall_turns:
+                    break
+        return sorted(chosen, key=lambda t: t.id)
+
+    def forget(self, source: str = "") -> int:
+        """Delete the turns of one source (every source when empty): how many were deleted."""
+        try:
+            with self.store.locked(write=True) as db:
+                cur = db.execute("DELETE FROM turns WHERE source = ? OR ? = ''", [source, source])
+                n = int(cur.rowcount)
+        except sqlite3.Error as e:
+            raise UserError(
+                f"cannot forget the conversation in {self.store.path}: {e}",
+                "free space on /var (`/status` shows the database); nothing was deleted",
+            ) from None
+        self.store.event("memory_forgotten", f"forgot {n} turns of {source or 'every source'}", {"source": source})
+        return n
+
+    def counts(self) -> dict[str, int]:
+        with self.store.locked() as db:
+            rows = db.execute("SELECT source, COUNT(*) FROM turns GROUP BY source ORDER BY source").fetchall()
+        return {str(s): int(n) for s, n in rows}
