@@ -24,6 +24,7 @@ examples:
   llmos check-config /etc/llmos/llmos.yaml                validate a config file
   llmos logs -n 20                                       the last 20 requests
   llmos submit "reverse stone"                           a background request to the running supervisor
+  llmos teach 'what is the wifi password => on the sticker'   teach an answer (llmos forget QUESTION undoes it)
 """
 
 
@@ -206,6 +207,47 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teach(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+    from llmos_edge.learning import parse_teach
+
+    if args.list is not None:
+        for event in call(_socket(args), {"op": "taught", "search": args.list}, timeout=10):
+            pairs = event["pairs"]
+            for p in pairs:
+                print(f"#{p['pair']} {p['question']!r} => {p['answer']!r} (taught on {p['source']})")
+            if not pairs:
+                print("(nothing taught)" if not args.list else f"(no taught pair matches {args.list!r})")
+        return 0
+    if not args.pair:
+        raise UserError(
+            "teach needs QUESTION => ANSWER (or --list)", "llmos teach 'what is the wifi password => on the sticker'"
+        )
+    question, answer = parse_teach(" ".join(args.pair))
+    for event in call(_socket(args), {"op": "teach", "question": question, "answer": answer}, timeout=10):
+        again = "; it replaces the earlier answer" if event["replaced"] else ""
+        print(f"taught #{event['pair']}: {event['question']!r} => {event['answer']!r}{again}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+
+    if (args.memory is None) == (not args.question):
+        raise UserError("forget needs a taught question, or --memory SOURCE", "llmos forget what is the wifi password")
+    msg: dict[str, object] = {"op": "forget"}
+    if args.memory is not None:
+        msg["memory"] = args.memory
+    else:
+        msg["question"] = " ".join(args.question)
+    for event in call(_socket(args), msg, timeout=10):
+        if "memory" in event:
+            print(f"forgot {event['turns']} turns of {event['memory']}")
+        else:
+            print(f"forgot #{event['pair']}: {event['question']!r} => {event['answer']!r}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from llmos_edge.control import call
 
@@ -313,6 +355,30 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
     sm.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
     sm.set_defaults(func=cmd_submit)
+
+    te = sub.add_parser(
+        "teach",
+        help="teach the running supervisor an answer: 'QUESTION => ANSWER' (quoted: the shell reads > itself)",
+        description="From the next request on, QUESTION and its everyday variants (case, punctuation, politeness "
+        "words) get ANSWER, on every front-end; it survives restarts. `llmos forget QUESTION` undoes it.",
+    )
+    te.add_argument("pair", nargs="*", metavar="'QUESTION => ANSWER'")
+    te.add_argument("--list", nargs="?", const="", metavar="WORDS", help="list the taught pairs (with WORDS in them)")
+    te.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    te.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    te.set_defaults(func=cmd_teach)
+
+    fg = sub.add_parser(
+        "forget",
+        help="forget a taught answer (QUESTION), or a conversation's memory (--memory SOURCE|all)",
+    )
+    fg.add_argument("question", nargs="*", metavar="QUESTION")
+    fg.add_argument(
+        "--memory", metavar="SOURCE", help="delete the stored turns of console, submit, http or voice (or all)"
+    )
+    fg.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    fg.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    fg.set_defaults(func=cmd_forget)
 
     st = sub.add_parser("status", help="the running supervisor's /status")
     st.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")

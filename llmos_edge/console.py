@@ -26,7 +26,9 @@ import serial
 
 from llmos_edge import protocol
 from llmos_edge.errors import UserError
+from llmos_edge.learning import Teaching, parse_teach
 from llmos_edge.machine import Session
+from llmos_edge.memory import Memory
 from llmos_edge.protocol import Event
 from llmos_edge.scheduler import Refused, Request, Result, Scheduler
 from llmos_edge.status import Status
@@ -45,6 +47,10 @@ Commands:
   /cancel      stop the answer being generated (Ctrl-C does the same)
   /model       the installed models; /model install PATH, /model activate NAME, /model rollback,
                /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)
+  /teach QUESTION => ANSWER   from now on, QUESTION (and its variants: case, punctuation, "please" ...)
+               gets ANSWER; /forget QUESTION undoes it; /taught [WORDS] lists what was taught
+  /memory      what the conversation memory holds; /memory forget [SOURCE|all] deletes it (this console's
+               by default)
   /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back"""
 LEAVE_S = 5.0  # leaving machine mode: how long the cancelled requests' done events are waited for
 
@@ -226,7 +232,10 @@ class Console:
         on_eof: Callable[[], None] | None = None,
         model: Callable[[str, Callable[[str], None]], list[str]] | None = None,
         loading: Callable[[], str] = lambda: "",
+        teaching: Teaching | None = None,
+        memory: Memory | None = None,
     ) -> None:
+        self.teaching, self.memory = teaching, memory  # learning (issue 15): /teach, /forget, /taught, /memory
         self.model = model  # `/model ...`: the supervisor's model_command
         # "" once a model answers; else what is happening ("loading default, 12 s"): the banner and prompt say it
         self.loading = loading
@@ -495,12 +504,40 @@ class Console:
             return
         elif name == "/human":
             self.write("already in human mode\n")
+        elif name in ("/teach", "/forget", "/taught", "/memory") and self.teaching is not None:
+            try:
+                self.write("\n".join(self._learning(name, arg)) + "\n")
+            except UserError as e:
+                self.write(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "") + "\n")
         elif name == "/model" and self.model is not None:
             self._model(arg)
             return
         else:
             self.write(f"error: unknown command {name}; type /help for the list\n")
         self.write(self.prompt())
+
+    def _learning(self, name: str, arg: str) -> list[str]:
+        teaching, memory = self.teaching, self.memory
+        assert teaching is not None and memory is not None
+        if name == "/teach":
+            pair, replaced = teaching.teach(*parse_teach(arg), "console")
+            again = "; it replaces the earlier answer" if replaced else ""
+            return [f"taught #{pair.id}: {pair.question!r} => {pair.answer!r}{again}"]
+        if name == "/forget":
+            pair = teaching.forget(arg)
+            return [f"forgot #{pair.id}: {pair.question!r} => {pair.answer!r}"]
+        if name == "/taught":
+            pairs = teaching.pairs(arg)
+            if not pairs:
+                return [f"(no taught pair matches {arg.strip()!r})" if arg.strip() else "(nothing taught yet)"]
+            return [p.describe() for p in pairs]
+        action, _, which = arg.strip().partition(" ")
+        if not action:
+            return [memory.describe()]
+        if action != "forget":
+            raise UserError(f"unknown memory command {action!r}", "/memory shows it; /memory forget [SOURCE|all]")
+        what, n = memory.forget_source(which, "console")
+        return [f"forgot {n} turns of {what}"]
 
     # -- machine mode ----------------------------------------------------------------------------------------
     def _enter_machine_mode(self) -> None:
@@ -512,6 +549,8 @@ class Console:
             source="console",
             priority="interactive",
             model=self.model,
+            teaching=self.teaching,
+            memory=self.memory,
         )
         log.info("console: machine mode")
         self.send_event(protocol.mode("json"))

@@ -1,4 +1,4 @@
-"""The local control socket: `llmos submit`, `llmos status` and `llmos model` talk to the running supervisor here.
+"""The local control socket: `llmos submit`, `status`, `model`, `teach` and `forget` reach the supervisor here.
 
 A Unix socket (never a network port) speaking the JSON-lines envelope of docs/protocol.md, the same one as the
 console's machine mode: a connection is one session, with as many requests in flight as the client likes, each under
@@ -23,7 +23,9 @@ from typing import Any
 
 from llmos_edge import protocol
 from llmos_edge.errors import UserError
+from llmos_edge.learning import Teaching
 from llmos_edge.machine import ModelCommandFn, Session
+from llmos_edge.memory import Memory
 from llmos_edge.protocol import Event
 from llmos_edge.scheduler import Scheduler
 from llmos_edge.status import Status
@@ -42,7 +44,10 @@ class ControlServer:
         status: Callable[[], Status],
         max_tokens: int,
         model: ModelCommandFn | None = None,
+        teaching: Teaching | None = None,
+        memory: Memory | None = None,
     ) -> None:
+        self.teaching, self.memory = teaching, memory
         self.path = Path(path)
         self.model = model
         self.scheduler = scheduler
@@ -128,6 +133,8 @@ class ControlServer:
             source="submit",
             priority="background",
             model=self.model,
+            teaching=self.teaching,
+            memory=self.memory,
         )
         try:
             with conn.makefile("rb") as f:

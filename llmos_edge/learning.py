@@ -141,7 +141,10 @@ class Pair:
     taught_at: float
 
     def describe(self) -> str:
-        return f"#{self.id} {self.question!r} => {self.answer!r} ({self.source})"
+        return f"#{self.id} {self.question!r} => {self.answer!r} (taught on {self.source})"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"pair": self.id, "question": self.question, "answer": self.answer, "source": self.source}
 
 
 def _pair(row: sqlite3.Row | tuple[object, ...]) -> Pair:
@@ -155,9 +158,10 @@ _COLUMNS = "id, question, answer, source, taught_at"
 class Teaching:
     """The taught pairs: teach, forget, look up, list. Thread-safe (through the store's lock)."""
 
-    def __init__(self, store: Store, max_pairs: int) -> None:
+    def __init__(self, store: Store, max_pairs: int, enabled: bool = True) -> None:
         self.store = store
         self.max_pairs = max_pairs
+        self.enabled = enabled  # learning.teach: false keeps the pairs but neither uses nor takes new ones
 
     def _write_error(self, e: sqlite3.Error) -> UserError:
         return UserError(
@@ -167,6 +171,8 @@ class Teaching:
 
     def teach(self, question: str, answer: str, source: str) -> tuple[Pair, bool]:
         """Store a pair (a pair for the same question is replaced): (the pair, whether it replaced one)."""
+        if not self.enabled:
+            raise UserError("teaching is off on this device (learning.teach is false)", "set learning.teach: true")
         question, answer = check_pair(question, answer)
         k = key(question)
         try:
@@ -217,7 +223,7 @@ class Teaching:
 
     def lookup(self, question: str) -> Pair | None:
         k = key(question)
-        if not k:
+        if not k or not self.enabled:
             return None
         with self.store.locked() as db:
             row = db.execute(f"SELECT {_COLUMNS} FROM taught WHERE key = ?", [k]).fetchone()

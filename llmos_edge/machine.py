@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from llmos_edge import protocol
 from llmos_edge.errors import UserError
+from llmos_edge.learning import Teaching
+from llmos_edge.memory import Memory
 from llmos_edge.protocol import Event, RequestId
 from llmos_edge.scheduler import Priority, Refused, Request, Result, Scheduler
 from llmos_edge.status import Status
@@ -35,7 +37,10 @@ class Session:
         source: str,
         priority: Priority,
         model: ModelCommandFn | None = None,
+        teaching: Teaching | None = None,
+        memory: Memory | None = None,
     ) -> None:
+        self.teaching, self.memory = teaching, memory  # learning (issue 15): teach, forget, taught
         self.scheduler = scheduler
         self._send = send
         self.status = status
@@ -77,7 +82,25 @@ class Session:
             self.send(protocol.status(self.status(), cmd.id))
         elif isinstance(cmd, protocol.ModelCommand):
             self._model(cmd)
+        elif isinstance(cmd, (protocol.Teach, protocol.Forget, protocol.Taught)):
+            try:
+                self.send(self._learning(cmd))
+            except UserError as e:
+                self.send(protocol.from_error(e, cmd.id))
         return False
+
+    def _learning(self, cmd: protocol.Teach | protocol.Forget | protocol.Taught) -> Event:
+        if self.teaching is None or self.memory is None:
+            raise UserError("teaching is not available here", "use the device's console")
+        if isinstance(cmd, protocol.Teach):
+            pair, replaced = self.teaching.teach(cmd.question, cmd.answer, self.source)
+            return protocol.taught(cmd.id, pair, replaced)
+        if isinstance(cmd, protocol.Taught):
+            return protocol.pairs(cmd.id, self.teaching.pairs(cmd.search))
+        if cmd.memory is None:
+            return protocol.forgotten_pair(cmd.id, self.teaching.forget(cmd.question))
+        what, n = self.memory.forget_source(cmd.memory, self.source)
+        return protocol.forgotten_memory(cmd.id, what, n)
 
     def _submit(self, cmd: protocol.Submit) -> None:
         rid = cmd.id

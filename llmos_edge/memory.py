@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from llmos_edge.errors import UserError
-from llmos_edge.learning import words
+from llmos_edge.learning import SOURCES, words
 from llmos_edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,18 @@ def query_terms(question: str) -> list[str]:
 
 
 class Memory:
-    def __init__(self, store: Store, *, keep_turns: int, keep_days: float, recall_turns: int, recall_tokens: int):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        keep_turns: int,
+        keep_days: float,
+        recall_turns: int,
+        recall_tokens: int,
+        enabled: bool = True,
+    ) -> None:
         self.store = store
+        self.enabled = enabled  # learning.memory (the supervisor neither stores nor recalls turns when false)
         self.keep_turns = keep_turns
         self.keep_days = keep_days
         self.recall_turns = recall_turns
@@ -188,6 +198,26 @@ class Memory:
             ) from None
         self.store.event("memory_forgotten", f"forgot {n} turns of {source or 'every source'}", {"source": source})
         return n
+
+    def forget_source(self, which: str, own: str) -> tuple[str, int]:
+        """`/memory forget [SOURCE|all]`: the source named (the asker's own when none), or every one: (what was
+        forgotten, how many turns)."""
+        which = which.strip() or own
+        if which == "all":
+            return "every source", self.forget("")
+        if which not in SOURCES:
+            raise UserError(f"there is no conversation source {which!r}", f"name one of: {', '.join(SOURCES)}, all")
+        return which, self.forget(which)
+
+    def describe(self) -> str:
+        counts = self.counts()
+        held = ", ".join(f"{s} {n} turns" for s, n in counts.items()) or "no turns"
+        if not self.enabled:
+            return f"memory: off (learning.memory is false); {held} stored from before"
+        return (
+            f"memory: {held}; each source keeps its newest {self.keep_turns} turns for {self.keep_days:g} days; "
+            f"up to {self.recall_turns} relevant ones go before a question"
+        )
 
     def counts(self) -> dict[str, int]:
         with self.store.locked() as db:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from llmos_edge.errors import UserError
+from llmos_edge.learning import Pair, check_pair
 from llmos_edge.scheduler import CLASSES, Priority, Request, Result
 from llmos_edge.status import Status
 from llmos_edge.status import lines as status_lines
@@ -23,12 +24,15 @@ MAX_ID_CHARS = 64
 MAX_ID_INT = 2**53 - 1  # what a JavaScript or C double still holds exactly
 MAX_TOKENS = 65536
 MAX_TEMPERATURE = 2.0
-OPS = ("submit", "cancel", "status", "model", "exit")
+OPS = ("submit", "cancel", "status", "model", "teach", "forget", "taught", "exit")
 _FIELDS: dict[str, frozenset[str]] = {
     "submit": frozenset({"op", "id", "prompt", "priority", "max_tokens", "temperature"}),
     "cancel": frozenset({"op", "id"}),
     "status": frozenset({"op", "id"}),
     "model": frozenset({"op", "id", "args"}),
+    "teach": frozenset({"op", "id", "question", "answer"}),
+    "forget": frozenset({"op", "id", "question", "memory"}),
+    "taught": frozenset({"op", "id", "search"}),
     "exit": frozenset({"op"}),
 }
 
@@ -59,11 +63,34 @@ class ModelCommand:
 
 
 @dataclass(frozen=True)
+class Teach:
+    question: str
+    answer: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True)
+class Forget:
+    """A taught pair (`question`), or a conversation's memory (`memory`: a source, "all", or "" for the session's
+    own source)."""
+
+    question: str = ""
+    memory: str | None = None
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True)
+class Taught:
+    search: str = ""
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True)
 class Exit:
     pass
 
 
-Command = Submit | Cancel | StatusQuery | ModelCommand | Exit
+Command = Submit | Cancel | StatusQuery | ModelCommand | Teach | Forget | Taught | Exit
 
 
 class ProtocolError(UserError):
@@ -116,7 +143,7 @@ def parse(line: str | bytes) -> Command:
         rid = _id(raw_id, required=False)
     except ProtocolError:
         rid = None
-        if op in ("submit", "cancel", "status", "model"):
+        if op in ("submit", "cancel", "status", "model", "teach", "forget", "taught"):
             raise
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(
@@ -142,6 +169,8 @@ def parse(line: str | bytes) -> Command:
         if not isinstance(args, str):
             raise ProtocolError("model needs args as a string", 'e.g. "args": "install /media/MODELS/x.gguf"', rid)
         return ModelCommand(args, rid)
+    if op in ("teach", "forget", "taught"):
+        return _learning(op, msg, rid)
     if rid is None:
         raise ProtocolError(f"{op} needs an id", 'the id you choose for the request, e.g. "id": 1')
     if op == "cancel":
@@ -175,6 +204,33 @@ def _submit(msg: dict[str, Any], rid: RequestId) -> Submit:
             )
         temperature = float(temperature)
     return Submit(rid, prompt, cast(Priority | None, priority), max_tokens, temperature)
+
+
+def _learning(op: str, msg: dict[str, Any], rid: RequestId | None) -> Teach | Forget | Taught:
+    strings = {k: v for k, v in msg.items() if k not in ("op", "id")}
+    for name, value in strings.items():
+        if not isinstance(value, str) and not (name == "memory" and value is True):
+            raise ProtocolError(f"{op} needs {name} as a string", _LEARNING_HINTS[op], rid)
+    if op == "taught":
+        return Taught(str(msg.get("search", "")), rid)
+    if op == "teach":
+        try:
+            question, answer = check_pair(str(msg.get("question", "")), str(msg.get("answer", "")))
+        except UserError as e:
+            raise ProtocolError(e.message, e.hint, rid) from None
+        return Teach(question, answer, rid)
+    memory = msg.get("memory")
+    question = str(msg.get("question", ""))
+    if (memory is None) == (not question.strip()):
+        raise ProtocolError("forget needs either a question or memory", _LEARNING_HINTS["forget"], rid)
+    return Forget(question, None if memory is None else "" if memory is True else str(memory), rid)
+
+
+_LEARNING_HINTS = {
+    "teach": '{"op": "teach", "question": "what is the wifi password", "answer": "on the sticker"}',
+    "forget": '{"op": "forget", "question": "what is the wifi password"}, or {"op": "forget", "memory": true}',
+    "taught": '{"op": "taught"}, or {"op": "taught", "search": "wifi"}',
+}
 
 
 # -- events --------------------------------------------------------------------------------------------------------
@@ -227,6 +283,22 @@ def progress(rid: RequestId | None, text: str) -> Event:
 
 def model(rid: RequestId | None, lines: list[str]) -> Event:
     return {"event": "model", "id": rid, "lines": lines}
+
+
+def taught(rid: RequestId | None, pair: Pair, replaced: bool) -> Event:
+    return {"event": "taught", "id": rid, **pair.as_dict(), "replaced": replaced}
+
+
+def forgotten_pair(rid: RequestId | None, pair: Pair) -> Event:
+    return {"event": "forgotten", "id": rid, **pair.as_dict()}
+
+
+def forgotten_memory(rid: RequestId | None, source: str, turns: int) -> Event:
+    return {"event": "forgotten", "id": rid, "memory": source, "turns": turns}
+
+
+def pairs(rid: RequestId | None, found: list[Pair]) -> Event:
+    return {"event": "pairs", "id": rid, "pairs": [p.as_dict() for p in found]}
 
 
 def mode(name: Mode) -> Event:

@@ -70,13 +70,14 @@ class Supervisor:
             keep_samples=c.database.keep_samples,
         )
         # learning (issue 15): taught pairs and conversation memory, both in the database
-        self.teaching = Teaching(self.store, c.learning.max_pairs)
+        self.teaching = Teaching(self.store, c.learning.max_pairs, c.learning.teach)
         self.memory = Memory(
             self.store,
             keep_turns=c.learning.keep_turns,
             keep_days=c.learning.keep_days,
             recall_turns=c.learning.recall_turns,
             recall_tokens=c.learning.recall_tokens,
+            enabled=c.learning.memory,
         )
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
@@ -132,7 +133,13 @@ class Supervisor:
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":
             self.control = ControlServer(
-                c.scheduler.control_socket, self.scheduler, self.status, c.model.max_tokens, self.model_command
+                c.scheduler.control_socket,
+                self.scheduler,
+                self.status,
+                c.model.max_tokens,
+                self.model_command,
+                teaching=self.teaching,
+                memory=self.memory,
             )
         self.console: Console | None = None
         if c.console.device != "none":
@@ -148,6 +155,8 @@ class Supervisor:
                 on_eof=(lambda: self._stop_by("Ctrl-D")) if c.console.device == "stdio" else None,
                 model=self.model_command,
                 loading=self.readiness.loading,
+                teaching=self.teaching,
+                memory=self.memory,
             )
         self.http: HttpApi | None = None
         if self.metrics is not None:
@@ -200,13 +209,11 @@ class Supervisor:
         turns go before it, within the room the context leaves (memory.py says how that is counted)."""
         if req.raw or req.source not in SOURCES:
             return None
-        lc = self.cfg.learning
-        if lc.teach:
-            pair = self.teaching.lookup(req.prompt)
-            if pair is not None:
-                req.taught_id = pair.id
-                return pair.answer
-        if lc.memory and len(req.messages) <= 1:  # a chat that brings its own history keeps it as it is
+        pair = self.teaching.lookup(req.prompt)  # None when learning.teach is false
+        if pair is not None:
+            req.taught_id = pair.id
+            return pair.answer
+        if self.memory.enabled and len(req.messages) <= 1:  # a chat that brings its own history keeps it as it is
             n_ctx = self.engine.info.n_ctx or self.cfg.model.context
             room = n_ctx - req.max_tokens - prompt_cost(req.prompt) - TEMPLATE_RESERVE
             turns = self.memory.recall(req.source, req.prompt, room)
@@ -222,7 +229,7 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.observe(req, result)
         if (
-            self.cfg.learning.memory
+            self.memory.enabled
             and req.source in SOURCES
             and not req.raw
             and result.outcome == "ok"
