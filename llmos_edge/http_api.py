@@ -1,6 +1,7 @@
 """The HTTP front-end (off by default, `http.enabled`): an OpenAI-compatible API, /health, /metrics, the status page.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models      (streaming with SSE, or not)
+    POST /v1/teach              GET /v1/teach          POST /v1/forget     (taught answers: learning.py)
     GET /health                 GET /metrics           GET /               GET /openapi.json
 
 It follows llama.cpp's server where OpenAI leaves room: errors are `{"error": {"code", "message", "type"}}`; a
@@ -25,6 +26,7 @@ import hmac
 import json
 import logging
 import queue
+import re
 import select
 import socket
 import threading
@@ -37,6 +39,8 @@ from typing import Any
 
 from llmos_edge.config import HttpConfig, split_listen
 from llmos_edge.errors import UserError
+from llmos_edge.learning import Pair, Teaching, check_pair
+from llmos_edge.memory import Memory
 from llmos_edge.metrics import CONTENT_TYPE as METRICS_TYPE
 from llmos_edge.metrics import Metrics
 from llmos_edge.scheduler import CLASSES, Priority, Refused, Request, Result, Scheduler
@@ -51,6 +55,7 @@ LOADING_RETRY_S = 5  # Retry-After while a model loads
 FAILED_RETRY_S = 30  # Retry-After while no model can run without a person (see /health's reason)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 ROLES = ("system", "user", "assistant")
+TAUGHT_LIST = 1000  # pairs GET /v1/teach lists, the newest first
 
 
 class ApiError(Exception):
@@ -243,7 +248,10 @@ class HttpApi:
         *,
         max_tokens: int,
         page: Callable[[], str] | None = None,
+        teaching: Teaching | None = None,
+        memory: Memory | None = None,
     ) -> None:
+        self.teaching, self.memory = teaching, memory  # learning (issue 15): /v1/teach, /v1/forget
         self.cfg = cfg
         self.scheduler = scheduler
         self.status = status
@@ -251,6 +259,12 @@ class HttpApi:
         self.max_tokens = max_tokens
         self.page = page
         self.openapi = resources.files("llmos_edge").joinpath("data/openapi.json").read_bytes()
+        # /v1/teach and /v1/forget check their strings by the document's own rules (lengths, patterns), so that what
+        # the document calls valid is taken and what it calls invalid is refused, exactly.
+        schemas = json.loads(self.openapi)["components"]["schemas"]
+        self.text_rules: dict[str, dict[str, Any]] = {
+            "teach." + k: v for k, v in schemas["TeachRequest"]["properties"].items()
+        } | {"forget.question": schemas["ForgetRequest"]["oneOf"][0]["properties"]["question"]}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""  # host:port actually bound (port 0 picks a free one)
@@ -455,6 +469,78 @@ class _Handler(BaseHTTPRequestHandler):
     def completions(self) -> None:
         self._generate(chat=False)
 
+    # -- teaching (issue 15): what HTTP teaches, every front-end's next request gets ----------------------------------
+    def _learning(self) -> tuple[Teaching, Memory]:
+        if self.api.teaching is None or self.api.memory is None:
+            raise ApiError(404, "teaching is not available here", "not_found_error")
+        return self.api.teaching, self.api.memory
+
+    def _object(self, fields: frozenset[str], example: str) -> dict[str, Any]:
+        body = self._body()
+        if not isinstance(body, dict):
+            raise _bad(f"the body must be a JSON object, e.g. {example}")
+        extra = sorted(set(body) - fields)
+        if extra:
+            raise _bad(f"unknown field {extra[0]!r}; the fields are {', '.join(sorted(fields))}")
+        return body
+
+    def teach_list(self) -> None:
+        teaching, _ = self._learning()
+        self._json(200, {"object": "list", "data": [_pair(p) for p in teaching.pairs(limit=TAUGHT_LIST)]})
+
+    def _text(self, body: dict[str, Any], rule: str) -> str:
+        """A string field checked by the OpenAPI document's rule for it (re.search, as JSON Schema validators do)."""
+        name = rule.partition(".")[2]
+        spec = self.api.text_rules[rule]
+        value = body.get(name)
+        if not isinstance(value, str):
+            raise _bad(f"{name} must be a string")
+        if not spec.get("minLength", 0) <= len(value) <= spec.get("maxLength", MAX_BODY):
+            raise _bad(f"{name} must be {spec.get('minLength', 0)} to {spec.get('maxLength', MAX_BODY)} characters")
+        if "pattern" in spec and not re.search(spec["pattern"], value):
+            what = "a word" if rule == "forget.question" else "a letter or digit and no control characters"
+            raise _bad(f"{name} needs {what} (a newline only in an answer)")
+        return value
+
+    def teach(self) -> None:
+        teaching, _ = self._learning()
+        body = self._object(
+            frozenset({"question", "answer"}), '{"question": "what is the wifi password", "answer": "on the sticker"}'
+        )
+        question, answer = self._text(body, "teach.question"), self._text(body, "teach.answer")
+        try:
+            check_pair(question, answer)
+        except UserError as e:
+            raise _bad(f"{e.message} ({e.hint})") from None
+        try:
+            pair, replaced = teaching.teach(question, answer, "http")
+        except UserError as e:
+            raise ApiError(409, f"{e.message} ({e.hint})", "conflict_error") from None
+        self._json(200, {"object": "taught_pair", **_pair(pair), "replaced": replaced})
+
+    def forget(self) -> None:
+        teaching, memory = self._learning()
+        body = self._object(frozenset({"question", "memory"}), '{"question": "what is the wifi password"}')
+        if ("question" in body) == ("memory" in body):
+            raise _bad('give either question (a taught question) or "memory": true (this API\'s conversation)')
+        if "memory" in body:
+            if body["memory"] is not True:
+                raise _bad('memory must be true: "memory": true forgets the conversation of HTTP requests')
+            try:
+                _, n = memory.forget_source("http", "http")
+            except UserError as e:
+                raise ApiError(409, f"{e.message} ({e.hint})", "conflict_error") from None
+            self._json(200, {"object": "forgotten_memory", "source": "http", "turns": n})
+            return
+        question = self._text(body, "forget.question")
+        try:
+            pair = teaching.forget(question)
+        except UserError as e:  # nothing taught for it (404), or the database cannot be written (409)
+            code = 409 if e.message.startswith("cannot store") else 404
+            kind = "conflict_error" if code == 409 else "not_found_error"
+            raise ApiError(code, f"{e.message} ({e.hint})", kind) from None
+        self._json(200, {"object": "forgotten_pair", **_pair(pair)})
+
     # -- generation --------------------------------------------------------------------------------------------------
     def _generate(self, chat: bool) -> None:
         body = self._body()
@@ -592,6 +678,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _pair(p: Pair) -> dict[str, Any]:
+    return {"id": p.id, "question": p.question, "answer": p.answer, "source": p.source, "taught_at": p.taught_at}
+
+
 def _name(s: Status) -> str:
     return s.model.name if s.model is not None else s.model_file
 
@@ -627,4 +717,7 @@ ROUTES: dict[tuple[str, str], Callable[[_Handler], None]] = {
     ("GET", "/v1/models"): _Handler.models,
     ("POST", "/v1/chat/completions"): _Handler.chat_completions,
     ("POST", "/v1/completions"): _Handler.completions,
+    ("GET", "/v1/teach"): _Handler.teach_list,
+    ("POST", "/v1/teach"): _Handler.teach,
+    ("POST", "/v1/forget"): _Handler.forget,
 }

@@ -167,6 +167,8 @@ class Supervisor:
                 self.metrics,
                 max_tokens=c.model.max_tokens,
                 page=lambda: status_page.render(self.status(), self.store, time.time()),
+                teaching=self.teaching,
+                memory=self.memory,
             )
         # the status page's history (issue 13): a row every database.sample_interval seconds
         self.sampler = Sampler(self.store, self.status, c.database.sample_interval)
