@@ -498,8 +498,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not spec.get("minLength", 0) <= len(value) <= spec.get("maxLength", MAX_BODY):
             raise _bad(f"{name} must be {spec.get('minLength', 0)} to {spec.get('maxLength', MAX_BODY)} characters")
         if "pattern" in spec and not re.search(spec["pattern"], value):
-            what = "a word" if rule == "forget.question" else "a letter or digit and no control characters"
-            raise _bad(f"{name} needs {what} (a newline only in an answer)")
+            what = {
+                "teach.question": "a letter or digit, and no control character",
+                "teach.answer": "more than spaces, and no control character but newlines",
+                "forget.question": "more than spaces",
+            }[rule]
+            raise _bad(f"{name} needs {what}")
         return value
 
     def teach(self) -> None:
