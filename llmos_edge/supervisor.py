@@ -234,8 +234,7 @@ class Supervisor:
             self.memory.enabled
             and req.source in SOURCES
             and not req.raw
-            and result.outcome == "ok"
-            and result.text.strip()
+            and result.outcome == "ok"  # a blank answer too: what the person said may matter later
         ):
             self.memory.remember(req.source, req.prompt, result.text, req.id)
 
