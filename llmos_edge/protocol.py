@@ -210,7 +210,8 @@ def _learning(op: str, msg: dict[str, Any], rid: RequestId | None) -> Teach | Fo
     strings = {k: v for k, v in msg.items() if k not in ("op", "id")}
     for name, value in strings.items():
         if not isinstance(value, str) and not (name == "memory" and value is True):
-            raise ProtocolError(f"{op} needs {name} as a string", _LEARNING_HINTS[op], rid)
+            what = "true or a source (console, submit, http, voice, all)" if name == "memory" else "a string"
+            raise ProtocolError(f"{op} needs {name} as {what}", _LEARNING_HINTS[op], rid)
     if op == "taught":
         return Taught(str(msg.get("search", "")), rid)
     if op == "teach":

@@ -11,7 +11,18 @@ import pytest
 
 from llmos_edge import protocol
 from llmos_edge.engine import GenerationStats
-from llmos_edge.protocol import Cancel, Exit, ModelCommand, ProtocolError, StatusQuery, Submit, parse
+from llmos_edge.protocol import (
+    Cancel,
+    Exit,
+    Forget,
+    ModelCommand,
+    ProtocolError,
+    StatusQuery,
+    Submit,
+    Taught,
+    Teach,
+    parse,
+)
 from llmos_edge.scheduler import Request, Result
 from tests.voice_fixtures import status_snapshot
 
@@ -31,6 +42,15 @@ def test_the_other_ops_parse() -> None:
     assert parse('{"op":"status","id":"s"}') == StatusQuery("s")
     assert parse('{"op":"model","args":"list"}') == ModelCommand("list", None)
     assert parse('{"op":"exit"}') == Exit()
+
+
+def test_the_learning_ops_parse() -> None:
+    assert parse('{"op":"teach","id":1,"question":" Who? ","answer":"me"}') == Teach("Who?", "me", 1)
+    assert parse('{"op":"forget","question":"who"}') == Forget("who", None, None)
+    assert parse('{"op":"forget","id":"m","memory":true}') == Forget("", "", "m")
+    assert parse('{"op":"forget","memory":"voice"}') == Forget("", "voice", None)
+    assert parse('{"op":"taught"}') == Taught("", None)
+    assert parse('{"op":"taught","search":"wifi"}') == Taught("wifi", None)
 
 
 def test_an_integer_temperature_is_a_float() -> None:
@@ -76,6 +96,17 @@ def test_an_integer_temperature_is_a_float() -> None:
         ('{"op":"status","wait":true}', "status does not take wait"),
         ('{"op":"exit","id":1}', "exit does not take id"),
         ('{"op":"model","args":5}', "model needs args as a string"),
+        ('{"op":"teach","question":"who"}', "the answer to teach is empty"),
+        ('{"op":"teach","question":"?!","answer":"a"}', "the question to teach is empty (it needs a word or a number)"),
+        ('{"op":"teach","question":"q","answer":5}', "teach needs answer as a string"),
+        ('{"op":"teach","question":"q","answer":"a","source":"x"}', "teach does not take source"),
+        ('{"op":"forget"}', "forget needs either a question or memory"),
+        ('{"op":"forget","question":"q","memory":true}', "forget needs either a question or memory"),
+        (
+            '{"op":"forget","memory":false}',
+            "forget needs memory as true or a source (console, submit, http, voice, all)",
+        ),
+        ('{"op":"taught","search":1}', "taught needs search as a string"),
     ],
 )
 def test_a_malformed_line_is_one_error_with_a_hint(line: str | bytes, message: str) -> None:
@@ -97,8 +128,9 @@ def test_an_error_names_the_request_when_its_id_could_be_read() -> None:
 
 def test_random_json_never_raises_anything_but_a_protocol_error() -> None:
     rng = random.Random(13)
-    keys = ["op", "id", "prompt", "priority", "max_tokens", "temperature", "args", "x"]
-    values: list[object] = [None, 0, -1, 2**70, 1.5, True, "", "submit", "cancel", "status", "exit", [], {}, "a" * 99]
+    keys = ["op", "id", "prompt", "priority", "max_tokens", "temperature", "args", "question", "answer", "memory", "x"]
+    ops = ["submit", "cancel", "status", "exit", "teach", "forget", "taught"]
+    values: list[object] = [None, 0, -1, 2**70, 1.5, True, "", *ops, [], {}, "a" * 99, "a" * 1001]
     for _ in range(2000):
         msg = {rng.choice(keys): rng.choice(values) for _ in range(rng.randrange(0, 6))}
         try:
