@@ -250,3 +250,32 @@ def test_a_request_s_temperature_overrides_the_default() -> None:
     finally:
         s.stop()
     assert eng.temperatures == [0.3, 1.2, 0.0]
+
+
+def test_a_prepared_answer_skips_the_engine_and_is_recorded_and_a_failing_prepare_costs_nothing() -> None:
+    eng, rows = ScriptedEngine(), Rows()
+
+    def prepare(req: Request) -> str | None:
+        if req.prompt == "taught":
+            req.taught_id = 7
+            return "from the pair"
+        if req.prompt == "boom":
+            raise RuntimeError("the database went away")
+        req.recalled = (1, 2)
+        return None
+
+    s = Scheduler(eng, rows, prepare=prepare)
+    s.start()
+    try:
+        got: list[str] = []
+        res = s.submit(Request("taught", on_token=got.append)).wait(5)
+        assert res is not None and res.outcome == "ok" and res.text == "from the pair" and got == ["from the pair"]
+        assert res.stats.tokens_out == 0 and eng.order == []  # the engine never saw it
+        assert rows.rows[-1]["taught_id"] == 7 and rows.rows[-1]["answer"] == "from the pair"
+        res = s.submit(Request("boom")).wait(5)
+        assert res is not None and res.outcome == "ok" and res.text == "moob"
+        res = s.submit(Request("abc")).wait(5)
+        assert res is not None and res.text == "cba" and rows.rows[-1]["recalled"] == "1,2"
+        assert rows.rows[-1]["taught_id"] is None
+    finally:
+        s.stop()
