@@ -10,8 +10,9 @@ makes more tokens than bytes, byte fallback being one token per byte) plus TURN_
 role markers; the question, the answer's max_tokens and TEMPLATE_RESERVE come off the context first. So the prompt
 always fits, whatever the model.
 
-Models that take one question (the default model's `llmos.prompt_template`) get only the question: they were trained
-without a conversation before it. Their turns are still stored and recalled (the request's row names them), ready for
+Only a model with a chat template is given recalled turns. Models that take one question (the default model's
+`llmos.prompt_template`) were trained without a conversation before it, and a model with no template at all would get
+the turns as raw lines: for them nothing is recalled (the supervisor decides). Their turns are still stored, ready for
 a model that can use them.
 
 Retention: at most `learning.keep_turns` turns per source and none older than `learning.keep_days`, applied as turns

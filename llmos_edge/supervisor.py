@@ -215,7 +215,8 @@ class Supervisor:
         if pair is not None:
             req.taught_id = pair.id
             return pair.answer
-        if self.memory.enabled and len(req.messages) <= 1:  # a chat that brings its own history keeps it as it is
+        if self.memory.enabled and len(req.messages) <= 1 and self._takes_conversations():
+            # (a chat that brings its own history keeps it as it is)
             n_ctx = self.engine.info.n_ctx or self.cfg.model.context
             room = n_ctx - req.max_tokens - prompt_cost(req.prompt) - TEMPLATE_RESERVE
             turns = self.memory.recall(req.source, req.prompt, room)
@@ -226,6 +227,13 @@ class Supervisor:
                 ]
                 req.messages = (*(m for pair_ in history for m in pair_), {"role": "user", "content": req.prompt})
         return None
+
+    def _takes_conversations(self) -> bool:
+        """Whether the running model is given a conversation: one with a chat template. Our own models take one
+        question (llmos.prompt_template) and template-less ones raw text: recalled turns would be ignored, or garble
+        the prompt, and cost prefill time."""
+        meta = self.keeper.info.metadata if self.keeper.info is not None else {}
+        return bool(meta.get("tokenizer.chat_template")) and not meta.get("llmos.prompt_template")
 
     def _observe(self, req: Request, result: Result) -> None:
         if self.metrics is not None:
