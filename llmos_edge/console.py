@@ -47,8 +47,8 @@ Commands:
   /cancel      stop the answer being generated (Ctrl-C does the same)
   /model       the installed models; /model install PATH, /model activate NAME, /model rollback,
                /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)
-  /teach QUESTION => ANSWER   from now on, QUESTION (and its variants: case, punctuation, "please" ...)
-               gets ANSWER; /forget QUESTION undoes it; /taught [WORDS] lists what was taught
+  /teach       /teach QUESTION => ANSWER: from now on QUESTION (and its variants: case, punctuation,
+               "please" ...) gets ANSWER; /forget QUESTION undoes it; /taught [WORDS] lists the pairs
   /memory      what the conversation memory holds; /memory forget [SOURCE|all] deletes it (this console's
                by default)
   /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back"""

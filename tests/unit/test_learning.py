@@ -127,3 +127,16 @@ def test_a_pair_the_database_cannot_take_is_a_clear_error(tmp_path: Path) -> Non
     assert "nothing was changed" in e.value.hint
     store.close()
     assert sqlite3.connect(tmp_path / "l.db").execute("SELECT COUNT(*) FROM taught").fetchone()[0] == 0
+
+
+def test_with_teaching_off_pairs_are_kept_but_neither_used_nor_taken(tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    Teaching(store, 10).teach("ping", "taught pong", "console")
+    off = Teaching(store, 10, enabled=False)
+    assert off.lookup("ping") is None
+    with pytest.raises(UserError, match="teaching is off") as e:
+        off.teach("pong", "ping", "console")
+    assert e.value.hint == "set learning.teach: true"
+    assert [p.question for p in off.pairs()] == ["ping"]
+    assert off.forget("ping").answer == "taught pong"  # undoing still works
+    store.close()
