@@ -90,6 +90,7 @@ class Status:
     database: str = ""
     database_pending: int = 0
     database_degraded: str = ""
+    learning: str = ""  # taught pairs and conversation memory, in a line (learning.py, memory.py)
 
     @property
     def ready(self) -> bool:
@@ -144,6 +145,8 @@ def lines(s: Status) -> list[str]:
     )
     out += s.governor.lines
     out.append(s.voice)
+    if s.learning:
+        out.append(s.learning)
     out.append(f"uptime: {duration(s.uptime_s)}; engine restarts: {s.restarts}")
     out.append("queue: " + ", ".join(f"{k} {v}" for k, v in s.queue.items()))
     out.append(

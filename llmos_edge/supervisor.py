@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -291,7 +292,18 @@ class Supervisor:
             database=str(self.store.path),
             database_pending=self.store.pending,
             database_degraded=self.store.degraded,
+            learning=self._learning_line(),
         )
+
+    def _learning_line(self) -> str:
+        try:
+            pairs = self.teaching.count()
+            turns = sum(self.memory.counts().values())
+        except sqlite3.Error as e:  # a status that cannot count still renders
+            return f"learning: cannot read the database ({e})"
+        teach = f"{pairs} taught pairs" + ("" if self.teaching.enabled else " (off: learning.teach)")
+        memory = f"{turns} turns remembered" + ("" if self.memory.enabled else " (off: learning.memory)")
+        return f"learning: {teach} (/taught); {memory} (/memory)"
 
     def model_command(self, args: str, progress: Callable[[str], None]) -> list[str]:
         """`/model ...` on the console, `llmos model ...` through the control socket. Raises UserError."""

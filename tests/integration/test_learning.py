@@ -46,6 +46,7 @@ def test_a_taught_answer_reaches_the_variants_survives_a_restart_and_is_forgotte
     # The self-test asks "ping": a taught "ping" must not reach it (the restart below would not become READY).
     assert c.command("/teach ping => a taught pong").startswith("taught #2")
     assert c.ask("Ping!") == "a taught pong"
+    assert c.status()["learning"].startswith("2 taught pairs (/taught); "), c.status()
     taught = rows(app.db, "taught_id IS NOT NULL")
     assert [r["prompt"] for r in taught][:3] == [
         "what model is this",
