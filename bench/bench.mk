@@ -85,3 +85,32 @@ $(HTTP_STACK_VENV)/.ok:
 
 bench-http-stack: $(HTTP_STACK_VENV)/.ok
 	$(HTTP_STACK_VENV)/bin/python bench/http_stack.py --write
+
+# Issue 14: image size (xz) and guest time to READY against a bare Debian image with the same kernel
+# (bench/bare/), booted in turn in the same QEMU. Not part of `make bench`'s default list: two image builds and
+# four TCG boots take about 20 minutes.
+.PHONY: bench-boot bare-image
+BARE_DIR := build/bare
+BARE_IMAGE := $(BARE_DIR)/llmos-bare.raw
+BARE_CACHE := $(CACHE)/image-bare
+
+bare-image: $(BARE_IMAGE)
+
+# The same apt sources, package cache and UKI stub as the image; its own incremental cache (mkosi names the cache
+# by distribution, release and architecture only, so it must not share the image's).
+$(BARE_IMAGE): bench/bare/mkosi.conf $(shell find bench/bare/extra 2>/dev/null) $(IMAGE_DEBS)/.ok
+	@mkdir -p $(BARE_DIR) $(BARE_CACHE) $(IMAGE_CACHE)/packages
+	@rm -rf $(BARE_CACHE)/pkgmngr && $(PYTHON) image/aptsources.py image --release $(IMAGE_RELEASE) \
+	  --out $(BARE_CACHE)/pkgmngr
+	cd bench/bare && mkosi --force \
+	  --release=$(IMAGE_RELEASE) \
+	  --package-manager-tree=$(BARE_CACHE)/pkgmngr \
+	  --cache-dir=$(BARE_CACHE) \
+	  --package-cache-dir=$(IMAGE_CACHE)/packages \
+	  --output-dir=$(CURDIR)/$(BARE_DIR) \
+	  $$(ls $(IMAGE_DEBS)/*.deb >/dev/null 2>&1 && echo --package-directory=$(IMAGE_DEBS)) \
+	  build > $(CURDIR)/$(BARE_DIR)/build.log 2>&1 || { tail -n 30 $(CURDIR)/$(BARE_DIR)/build.log; exit 1; }
+	@touch $@
+
+bench-boot: venv $(IMAGE) $(BARE_IMAGE)
+	$(PY) bench/boot.py --image $(IMAGE) --bare $(BARE_IMAGE) --rounds 2 --write

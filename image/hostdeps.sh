@@ -11,8 +11,9 @@ die() { echo "image-deps: $1" >&2; [ -n "${2:-}" ] && echo "  hint: $2" >&2; exi
 command -v apt-get >/dev/null || die "this is not a Debian host (no apt-get)" "build the image on Debian 12 or 13"
 codename=$(python3 "$here/aptsources.py" codename)
 
+# nbdkit: the image tests' disk whose unflushed writes a power cut loses (image/volatiledisk.py)
 common=(bubblewrap fdisk e2fsprogs dosfstools mtools python3-pefile zstd xz-utils cpio debian-archive-keyring
-        uidmap kmod erofs-utils qemu-system-x86 ovmf bmap-tools reprepro)
+        uidmap kmod erofs-utils qemu-system-x86 ovmf bmap-tools reprepro nbdkit)
 apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }

@@ -21,7 +21,7 @@ IMAGE_STAGE := $(IMAGE_CACHE)/stage
 IMAGE_RELEASE = $(shell $(PYTHON) image/aptsources.py codename)
 DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
-IMAGE_SOURCES := mkosi.conf $(shell find image/repart rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
+IMAGE_SOURCES := mkosi.conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
 	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 CPU ?=
 MEM ?= 1024

@@ -35,7 +35,7 @@ fi
 # Root stays locked: nobody logs in to an appliance; the product talks on the console.
 mkosi-chroot passwd --lock root >/dev/null
 
-mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service
+mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-factory-reset.path
 # The product owns ttyS0: no login prompt there. Nothing asks questions at boot. apt's timers would only fail
 # on the read-only root.
 mkosi-chroot systemctl mask serial-getty@ttyS0.service systemd-firstboot.service

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from volatiledisk import VolatileDisk  # beside this file: the script's directory, or image/ on the importer's path
+
 QEMU = "qemu-system-x86_64"
 FIRMWARE_DIRS = [Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/share/qemu")]
 FIRMWARE_PAIRS = [("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")]
@@ -127,6 +129,12 @@ class VMConfig:
     sound: str = ""
     usb_stick: Path | None = None  # a raw disk image, plugged in as a read-only USB stick
     http_port: int = 0  # >0: a network card whose guest port 8080 is 127.0.0.1:http_port on the host
+    # The UEFI variable store, kept between boots like a board's NVRAM (made from OVMF's template when missing);
+    # None: a fresh copy for this VM only. A factory reset is armed through an EFI variable (FactoryReset).
+    efi_vars: Path | None = None
+    # The disk through nbdkit's writeback cache (volatiledisk.py): a power cut loses the writes not yet flushed,
+    # as a real disk's volatile cache does. False: a file, whose writes QEMU hands to the host's page cache at once.
+    volatile_cache: bool = False
     extra: list[str] = field(default_factory=list)
 
 
@@ -160,7 +168,8 @@ def network(host_port: int, guest_port: int = 8080) -> list[str]:
     ]
 
 
-def command(cfg: VMConfig, vars_file: Path) -> list[str]:
+def command(cfg: VMConfig, vars_file: Path, drive: str = "") -> list[str]:
+    """QEMU's command line. `drive`: the disk's -drive value when it is not the image file itself (an NBD disk)."""
     if not cfg.image.is_file():
         raise VMError(f"no image at {cfg.image}", "build it first: make image")
     if cfg.usb_stick is not None and not cfg.usb_stick.is_file():
@@ -168,13 +177,14 @@ def command(cfg: VMConfig, vars_file: Path) -> list[str]:
     code, _ = find_firmware()
     accel = cfg.accel or ("kvm" if kvm_usable() else "tcg")
     cpu = cfg.cpu or ("host" if accel == "kvm" else "max")
-    drive = (
-        f"file={cfg.image},format=raw,if=none,id=disk,cache=unsafe"
-        if cfg.snapshot
-        else (f"file={cfg.image},format=raw,if=none,id=disk,cache=writeback")
-    )
-    if cfg.snapshot:
-        drive += ",snapshot=on"
+    if not drive:
+        drive = (
+            f"file={cfg.image},format=raw,if=none,id=disk,cache=unsafe"
+            if cfg.snapshot
+            else (f"file={cfg.image},format=raw,if=none,id=disk,cache=writeback")
+        )
+        if cfg.snapshot:
+            drive += ",snapshot=on"
     cmd = [
         qemu_binary(),
         "-machine", "q35",
@@ -219,15 +229,21 @@ def _die_with_parent() -> None:
 
 
 class VM:
-    """One QEMU process (started and stopped by its PID), with its own copy of the UEFI variable store."""
+    """One QEMU process (started and stopped by its PID), with its own copy of the UEFI variable store (or the one
+    VMConfig.efi_vars keeps between boots)."""
 
     def __init__(self, cfg: VMConfig, log_path: Path | None = None) -> None:
         self.cfg = cfg
         self.log_path = log_path
         self._tmp = tempfile.TemporaryDirectory(prefix="llmos-vm-")
-        self.vars_file = Path(self._tmp.name) / "OVMF_VARS.fd"
-        shutil.copyfile(find_firmware()[1], self.vars_file)
-        self.cmd = command(cfg, self.vars_file)
+        self.vars_file = cfg.efi_vars or Path(self._tmp.name) / "OVMF_VARS.fd"
+        if not self.vars_file.exists():
+            shutil.copyfile(find_firmware()[1], self.vars_file)
+        self.disk: VolatileDisk | None = None
+        if cfg.volatile_cache:
+            nbd_log = log_path.with_suffix(".nbdkit.log") if log_path else None
+            self.disk = VolatileDisk(cfg.image, Path(self._tmp.name) / "nbd", nbd_log)
+        self.cmd = command(cfg, self.vars_file, self.disk.drive() if self.disk else "")
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -237,6 +253,8 @@ class VM:
         return self.proc.pid
 
     def start(self) -> None:
+        if self.disk is not None:
+            self.disk.start()
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.cmd,
@@ -248,7 +266,10 @@ class VM:
         self.started_at = time.monotonic()
 
     def power_cut(self) -> None:
-        """SIGKILL, as pulling the plug: no flush, no shutdown."""
+        """SIGKILL, as pulling the plug: no flush, no shutdown. With a volatile cache, nbdkit goes first, and with it
+        every write the guest has not flushed."""
+        if self.disk is not None:
+            self.disk.cut()
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmos_edge import __version__
+from llmos_edge import __version__, factory_reset
 from llmos_edge.config import LoadedConfig, dump, last_good_path, load_file, load_layers, reference
 from llmos_edge.errors import UserError
 
@@ -259,6 +259,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_factory_reset(args: argparse.Namespace) -> int:
+    """Ask for a factory reset (typed confirmation unless --yes), or, with --arm, arm one (the root unit's step)."""
+    db = args.db or load_layers(args.config).config.database.path
+    if args.arm:
+        print(factory_reset.arm(db, Path(args.efivars)))
+        return 0
+    if not args.yes:
+        print(factory_reset.WARNING)
+        try:
+            typed = input("> ").strip()
+        except EOFError:
+            typed = ""
+        if typed != factory_reset.CONFIRMATION:
+            print(f"factory reset cancelled (it needs {factory_reset.CONFIRMATION} typed exactly)")
+            return 1
+    path = factory_reset.request(db, "cli")
+    print(f"factory reset requested ({path}): the device restarts and erases /var as it boots")
+    return 0
+
+
 def cmd_config_reference(_args: argparse.Namespace) -> int:
     print(reference(), end="")
     return 0
@@ -385,6 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
     st.add_argument("--json", action="store_true", help="the structured snapshot as JSON (docs/protocol.md)")
     st.set_defaults(func=cmd_status)
+
+    fr = sub.add_parser(
+        "factory-reset",
+        help="erase /var (database, installed models, config overrides) at the next boot; asks to confirm",
+        description="Writes a request beside the database; on the device llmos-factory-reset.service arms it "
+        "(the FactoryReset EFI variable) and reboots, and systemd-repart recreates var in the initrd.",
+    )
+    fr.add_argument("--yes", action="store_true", help="do not ask for the typed confirmation")
+    fr.add_argument("--db", metavar="PATH", help="database file (default: database.path of the config)")
+    fr.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the database in")
+    fr.add_argument("--arm", action="store_true", help="(root, run by llmos-factory-reset.service) arm the request")
+    fr.add_argument("--efivars", default=str(factory_reset.EFIVARS), help=argparse.SUPPRESS)
+    fr.set_defaults(func=cmd_factory_reset)
 
     ref = sub.add_parser("config-reference", help="print every config key with its default, as Markdown")
     ref.set_defaults(func=cmd_config_reference)

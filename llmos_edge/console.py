@@ -24,7 +24,7 @@ from typing import Protocol
 
 import serial
 
-from llmos_edge import protocol
+from llmos_edge import factory_reset, protocol
 from llmos_edge.errors import UserError
 from llmos_edge.learning import Teaching, parse_teach
 from llmos_edge.machine import Session
@@ -51,7 +51,8 @@ Commands:
                "please" ...) gets ANSWER; /forget QUESTION undoes it; /taught [WORDS] lists the pairs
   /memory      what the conversation memory holds; /memory forget [SOURCE|all] deletes it (this console's
                by default)
-  /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back"""
+  /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back
+  /factory-reset  erase /var (database, installed models, config overrides) and restart; asks to confirm"""
 LEAVE_S = 5.0  # leaving machine mode: how long the cancelled requests' done events are waited for
 
 # What a model generates is printed raw to someone's terminal: strip C0 controls (ESC sequences could restyle or
@@ -234,9 +235,13 @@ class Console:
         loading: Callable[[], str] = lambda: "",
         teaching: Teaching | None = None,
         memory: Memory | None = None,
+        request_reset: Callable[[], str] | None = None,
     ) -> None:
         self.teaching, self.memory = teaching, memory  # learning (issue 15): /teach, /forget, /taught, /memory
         self.model = model  # `/model ...`: the supervisor's model_command
+        # `/factory-reset`, once confirmed: asks for the reset and returns what happens next
+        self.request_reset = request_reset
+        self._confirming = False  # the next line answers /factory-reset's question
         # "" once a model answers; else what is happening ("loading default, 12 s"): the banner and prompt say it
         self.loading = loading
         self.device, self.baud, self.echo = device, baud, echo
@@ -475,7 +480,9 @@ class Console:
                 self._notice("busy: an answer is streaming; Ctrl-C or /cancel stops it")
             return
         self.write("\n")
-        if not line:
+        if self._confirming:
+            self._confirm_factory_reset(line)
+        elif not line:
             self.write(self.prompt())
         elif line.startswith("/"):
             self._command(line)
@@ -512,6 +519,9 @@ class Console:
         elif name == "/model" and self.model is not None:
             self._model(arg)
             return
+        elif name == "/factory-reset" and self.request_reset is not None:
+            self._confirming = True
+            self.write(factory_reset.WARNING + "\n")
         else:
             self.write(f"error: unknown command {name}; type /help for the list\n")
         self.write(self.prompt())
@@ -538,6 +548,19 @@ class Console:
             raise UserError(f"unknown memory command {action!r}", "/memory shows it; /memory forget [SOURCE|all]")
         what, n = memory.forget_source(which, "console")
         return [f"forgot {n} turns of {what}"]
+
+    def _confirm_factory_reset(self, line: str) -> None:
+        """The line after /factory-reset: exactly the confirmation word erases, anything else cancels."""
+        self._confirming = False
+        assert self.request_reset is not None
+        if line != factory_reset.CONFIRMATION:
+            self.write(f"factory reset cancelled (it needs {factory_reset.CONFIRMATION} typed exactly)\n")
+        else:
+            try:
+                self.write(self.request_reset() + "\n")
+            except UserError as e:
+                self.write(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "") + "\n")
+        self.write(self.prompt())
 
     # -- machine mode ----------------------------------------------------------------------------------------
     def _enter_machine_mode(self) -> None:

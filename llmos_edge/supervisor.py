@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from llmos_edge import __version__, status_page
+from llmos_edge import __version__, factory_reset, status_page
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.control import ControlServer
@@ -158,6 +158,7 @@ class Supervisor:
                 loading=self.readiness.loading,
                 teaching=self.teaching,
                 memory=self.memory,
+                request_reset=self.request_factory_reset,
             )
         self.http: HttpApi | None = None
         if self.metrics is not None:
@@ -342,6 +343,14 @@ class Supervisor:
                 f"device's {ceiling / MIB:.0f} MiB budget",
                 "use a smaller quantization (Q4_K_M) or a smaller model",
             )
+
+    def request_factory_reset(self) -> str:
+        """`/factory-reset`, confirmed: write the request (factory_reset.py); on the device a root unit arms it and
+        reboots. Raises UserError."""
+        path = factory_reset.request(self.cfg.database.path, "console")
+        self.store.event("factory_reset_requested", f"request {path}")
+        log.warning("factory reset requested on the console (%s)", path)
+        return "factory reset requested: the device restarts now and erases /var as it boots"
 
     def log_lines(self, n: int) -> list[str]:
         return [format_request(r) for r in self.store.recent_requests(n)]

@@ -12,6 +12,7 @@ Environment:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -164,7 +165,7 @@ class Boot:
             self.vm.close()
 
 
-def boot(
+def start(
     disk: Path,
     name: str,
     *,
@@ -173,11 +174,12 @@ def boot(
     sound: str = "",
     usb_stick: Path | None = None,
     http_port: int = 0,
+    efi_vars: Path | None = None,
+    volatile_cache: bool = False,
     extra: list[str] | None = None,
-) -> Boot:
-    """Boot `disk` and wait until the device is ready. `sound`: a QEMU -audiodev backend for an emulated sound card
-    (see image/vm.py); empty, the default, boots without one. `usb_stick`: a raw image (see models_stick) plugged in
-    as a read-only USB stick."""
+) -> tuple[vmlib.VM, Console]:
+    """Start QEMU on `disk` and connect to its console (QEMU runs the guest only once we are there); no waiting
+    for the guest. The options are boot()'s."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = vmlib.free_port()
     qmp = ARTIFACTS / f"{name}.qmp"
@@ -191,6 +193,8 @@ def boot(
         sound=sound,
         usb_stick=usb_stick,
         http_port=http_port,
+        efi_vars=efi_vars,
+        volatile_cache=volatile_cache,
         extra=list(extra or []),
     )
     vm = vmlib.VM(cfg, log_path=ARTIFACTS / f"{name}.qemu.log")
@@ -199,6 +203,20 @@ def boot(
     vm.start()
     try:
         console = connect(f"socket://127.0.0.1:{port}", serial_log)
+    except BaseException:
+        vm.close()
+        raise
+    return vm, console
+
+
+def boot(disk: Path, name: str, **options: Any) -> Boot:
+    """Boot `disk` and wait until the device is ready. Options (see start()): `cpu`; `sound`, a QEMU -audiodev
+    backend for an emulated sound card (see image/vm.py), none by default; `usb_stick`, a raw image (see
+    models_stick) plugged in as a read-only USB stick; `http_port`; `efi_vars`, the UEFI variable store kept between
+    boots (default: a fresh one); `volatile_cache`, the disk through nbdkit's writeback cache (image/volatiledisk.py:
+    a power cut loses what the guest has not flushed)."""
+    vm, console = start(disk, name, **options)
+    try:
         console.read_until(PROMPT, BOOT_TIMEOUT)
         prompt_s = time.monotonic() - vm.started_at
         status = wait_ready(console, BOOT_TIMEOUT - prompt_s)
@@ -284,6 +302,21 @@ def partitions(img: Path) -> dict[str, dict[str, int]]:
         p.get("name", ""): {"start": int(p["start"]) * sector, "size": int(p["size"]) * sector}
         for p in table["partitiontable"]["partitions"]
     }
+
+
+def root_digest(disk: Path) -> str:
+    part = partitions(disk)["root"]
+    h = hashlib.sha256()
+    with disk.open("rb") as f:
+        f.seek(part["start"])
+        left = part["size"]
+        while left:
+            chunk = f.read(min(left, 8 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def copy_from_var(img: Path, path_in_var: str, out: Path) -> Path:

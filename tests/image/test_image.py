@@ -32,6 +32,7 @@ from conftest import (
     journal,
     measure,
     partitions,
+    root_digest,
 )
 
 from llmos_edge import netpolicy
@@ -401,18 +402,3 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def root_digest(disk: Path) -> str:
-    part = partitions(disk)["root"]
-    h = hashlib.sha256()
-    with disk.open("rb") as f:
-        f.seek(part["start"])
-        left = part["size"]
-        while left:
-            chunk = f.read(min(left, 8 << 20))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()

@@ -1,0 +1,138 @@
+"""Factory reset on the image, over the console: the data written on var before is gone after, the device starts
+with the default config and a new database, the root (the installed version) is untouched.
+
+Two boots of a disk of its own, with a UEFI variable store kept between them like a board's NVRAM (the reset is
+armed through the FactoryReset EFI variable): the first writes data and asks for the reset, the reboot it causes
+ends that QEMU (-no-reboot), the second boot's initrd erases var (systemd-repart, image/initrd/).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import (
+    ARTIFACTS,
+    TEST_DISK_BYTES,
+    Boot,
+    boot,
+    copy_from_var,
+    journal,
+    measure,
+    partitions,
+    root_digest,
+    write_to_var,
+)
+
+OVERRIDE = "model:\n  max_tokens: 48\n"  # a config override on var: /status names it among the config sources
+OVERRIDE_PATH = "/var/lib/llmos/llmos.yaml"
+REBOOT_TIMEOUT = 300  # the guest stops the supervisor and reboots; QEMU (-no-reboot) then exits
+
+
+@dataclass
+class ResetDisk:
+    disk: Path
+    efi_vars: Path
+    root_digest: str
+
+
+def part_uuid(disk: Path, label: str) -> str:
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(disk)], check=True, capture_output=True).stdout)
+    return next(p["uuid"] for p in table["partitiontable"]["partitions"] if p.get("name") == label)
+
+
+@pytest.fixture(scope="module")
+def reset_disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> ResetDisk:
+    """A fresh copy of the image with a config override written onto its var partition from the host."""
+    tmp = tmp_path_factory.mktemp("reset")
+    disk = tmp / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
+    subprocess.run(["truncate", "-s", str(max(TEST_DISK_BYTES, disk.stat().st_size)), str(disk)], check=True)
+    override = tmp / "llmos.yaml"
+    override.write_text(OVERRIDE)
+    write_to_var(disk, tmp, {"/lib/llmos/llmos.yaml": override})
+    return ResetDisk(disk, tmp / "efi-vars.fd", root_digest(disk))
+
+
+@pytest.fixture(scope="module")
+def before_reset(reset_disk: ResetDisk) -> Iterator[Boot]:
+    b = boot(reset_disk.disk, "reset-before", efi_vars=reset_disk.efi_vars)
+    yield b
+    if b.vm is not None:  # still running when a test failed half-way: stop it (by PID)
+        b.vm.close()
+    b.console.close()
+
+
+def test_before_the_reset_the_override_is_used_and_requests_are_recorded(before_reset: Boot) -> None:
+    text = before_reset.console.ask("/status")
+    assert re.search(rf"^config: .*{OVERRIDE_PATH}", text, re.M), text
+    assert before_reset.console.ask("ping") == "pong"
+    assert before_reset.console.ask("reverse stone") == "enots"
+
+
+def test_anything_but_the_typed_confirmation_cancels(before_reset: Boot) -> None:
+    warning = before_reset.console.ask("/factory-reset")
+    assert "Type ERASE to erase and restart now" in warning, warning
+    assert before_reset.console.ask("erase") == "factory reset cancelled (it needs ERASE typed exactly)"
+    assert before_reset.console.ask("ping") == "pong"
+
+
+def test_the_confirmed_reset_restarts_the_device(before_reset: Boot, reset_disk: ResetDisk, tmp_path: Path) -> None:
+    assert before_reset.vm is not None
+    before_reset.console.ask("/factory-reset")
+    said = before_reset.console.ask("ERASE")
+    assert said == "factory reset requested: the device restarts now and erases /var as it boots", said
+    start = time.monotonic()
+    before_reset.vm.wait(REBOOT_TIMEOUT)  # the guest rebooted: QEMU runs with -no-reboot
+    measure("factory_reset_request_to_reboot_s", round(time.monotonic() - start, 1))
+    before_reset.console.close()
+    before_reset.vm.close()
+    # What the reset must erase is on the disk now: the override and the requests (read without booting).
+    var = copy_from_var(reset_disk.disk, "/lib/llmos", tmp_path / "var")
+    assert (var / "llmos.yaml").read_text() == OVERRIDE
+    prompts = {r[0] for r in sqlite3.connect(var / "llmos.db").execute("SELECT prompt FROM requests")}
+    assert {"ping", "reverse stone"} <= prompts, prompts
+    assert not (var / "factory-reset.request").exists(), "the request was not armed (llmos-factory-reset.service)"
+    # (uuid, start) of var before the reset: the initrd recreates the partition
+    (ARTIFACTS / "factory-reset-var-before.json").write_text(
+        json.dumps([part_uuid(reset_disk.disk, "var"), partitions(reset_disk.disk)["var"]])
+    )
+
+
+def test_after_the_reset_var_is_new_with_the_default_config_and_an_empty_database(
+    reset_disk: ResetDisk, tmp_path: Path
+) -> None:
+    uuid_before, var_before = json.loads((ARTIFACTS / "factory-reset-var-before.json").read_text())
+    after = boot(reset_disk.disk, "reset-after", efi_vars=reset_disk.efi_vars)
+    try:
+        measure("boot_wall_s_to_ready_after_factory_reset", round(after.wall_s, 1))
+        text = after.console.ask("/status")
+        assert re.search(r"^config: defaults, /etc/llmos/llmos\.yaml$", text, re.M), text  # no override any more
+        logs = after.console.ask("/logs 20")  # only this boot's self-test (source gate, which asks ping)
+        assert all(" gate " in line for line in logs.splitlines()), logs
+        after.shutdown()
+    finally:
+        if after.vm is not None:
+            after.vm.close()
+    disk = reset_disk.disk
+    var = copy_from_var(disk, "/lib/llmos", tmp_path / "var")
+    assert not (var / "llmos.yaml").exists(), "the config override survived the reset"
+    db = sqlite3.connect(var / "llmos.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    asked = db.execute("SELECT prompt FROM requests WHERE source != 'gate'").fetchall()  # the self-test's are new
+    assert asked == [], asked
+    assert db.execute("SELECT COUNT(*) FROM starts").fetchone()[0] == 1, "the database is not new"
+    # A new partition in the old one's place, as large (it had grown to fill the disk at the first boot).
+    assert part_uuid(disk, "var") != uuid_before
+    assert partitions(disk)["var"] == var_before
+    assert root_digest(disk) == reset_disk.root_digest, "the read-only root partition changed"
+    log = journal(disk, tmp_path / "j", "-o", "cat")
+    assert "llmos-factory-reset: erasing var" in log, "the initrd's reset unit did not run"
+    assert "Successfully unset EFI variable FactoryReset." in log, "repart left the reset armed"
