@@ -207,12 +207,19 @@ def test_the_default_model_can_be_activated_again(device: Boot) -> None:
     assert device.console.ask("ping") == "pong"
 
 
+TAUGHT_QUESTION = "what is the wi-fi password"
+TAUGHT_ANSWER = "It is on the sticker under the box."
+
+
 def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, tmp_path: Path) -> None:
     if device.vm is None:
         pytest.skip("a real device: no power switch to pull from here")
     # Let everything asked so far be committed (synchronous=FULL commits before the prompt comes back).
     root_before = root_digest(disk)
     console = device.console
+    # Issue 15: a pair taught over the serial console is committed before its reply, so it survives the cut
+    taught = console.ask(f"/teach {TAUGHT_QUESTION} => {TAUGHT_ANSWER}")
+    assert last_line(taught).startswith("taught #"), taught
     console.send_line("tell me everything about llmos edge and the serial console and the database")
     console.read_until(b"\r\n", 30)  # the echo of the question; the answer starts after it
     streamed = console.read_some(30)
@@ -223,6 +230,8 @@ def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, 
     second = boot(disk, "after-power-cut")
     measure("boot_wall_s_to_ready_after_power_cut", round(second.wall_s, 1))
     assert second.console.ask("ping") == "pong"
+    # a variant of the taught question (case, punctuation, politeness) gets the taught answer after the reboot
+    assert second.console.ask("Hey llmos, what is the Wi-Fi password?") == TAUGHT_ANSWER
     text = status(second)
     measure("status_after_power_cut", text)
     second.shutdown()
