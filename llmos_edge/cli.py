@@ -284,6 +284,12 @@ def cmd_config_reference(_args: argparse.Namespace) -> int:
     return 0
 
 
+def socket_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every command that talks to the running supervisor over its control socket."""
+    p.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmos",
@@ -358,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     md.add_argument("action", choices=["list", "install", "activate", "rollback", "remove"])
     md.add_argument("arg", nargs="?", default="", metavar="PATH|NAME", help="a .gguf file (or a directory holding one)")
-    md.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
-    md.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    socket_arguments(md)
     md.set_defaults(func=cmd_model)
 
     m = sub.add_parser("model-info", help="a GGUF file's header as JSON, with a memory estimate")
@@ -372,8 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: model.max_tokens)")
     sm.add_argument("--no-wait", action="store_true", help="return once accepted; the answer goes to the log")
     sm.add_argument("--json", action="store_true", help="print the request's metrics as JSON on stderr")
-    sm.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
-    sm.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    socket_arguments(sm)
     sm.set_defaults(func=cmd_submit)
 
     te = sub.add_parser(
@@ -384,8 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     te.add_argument("pair", nargs="*", metavar="'QUESTION => ANSWER'")
     te.add_argument("--list", nargs="?", const="", metavar="WORDS", help="list the taught pairs (with WORDS in them)")
-    te.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
-    te.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    socket_arguments(te)
     te.set_defaults(func=cmd_teach)
 
     fg = sub.add_parser(
@@ -396,13 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument(
         "--memory", metavar="SOURCE", help="delete the stored turns of console, submit, http or voice (or all)"
     )
-    fg.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
-    fg.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    socket_arguments(fg)
     fg.set_defaults(func=cmd_forget)
 
     st = sub.add_parser("status", help="the running supervisor's /status")
-    st.add_argument("--socket", metavar="PATH", help="control socket (default: scheduler.control_socket)")
-    st.add_argument("--config", action="append", default=[], metavar="FILE", help="config to find the socket in")
+    socket_arguments(st)
     st.add_argument("--json", action="store_true", help="the structured snapshot as JSON (docs/protocol.md)")
     st.set_defaults(func=cmd_status)
 
