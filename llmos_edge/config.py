@@ -334,7 +334,7 @@ class LearningConfig:
     )
     keep_turns: int = setting(
         1000,
-        "Turns kept per source (console, submit, http, voice); older ones are deleted as new ones come.",
+        "Turns kept per source (console, submit, http, voice); older ones are deleted at start and every 50 turns.",
         minimum=1,
     )
     keep_days: float = setting(30.0, "Turns older than this many days are deleted and never recalled.", minimum=0.01)

@@ -15,8 +15,11 @@ Only a model with a chat template is given recalled turns. Models that take one 
 the turns as raw lines: for them nothing is recalled (the supervisor decides). Their turns are still stored, ready for
 a model that can use them.
 
-Retention: at most `learning.keep_turns` turns per source and none older than `learning.keep_days`, applied as turns
-are written. Forget is per source (`/memory forget`), or everything.
+A turn is written in the same commit as its request's row (`turn_row`, through the scheduler): an answer costs the
+flash one fsync, not two. Retention, at most `learning.keep_turns` turns per source and none older than
+`learning.keep_days`, is applied at start and then once every PRUNE_EVERY turns, not at each (a delete per turn
+would rewrite FTS5 pages on every answer); a turn past `keep_days` is never recalled meanwhile. Forget is per source
+(`/memory forget`), or everything.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from llmos_edge.errors import UserError
 from llmos_edge.learning import SOURCES, words
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 TURN_OVERHEAD = 16  # tokens a chat template adds around one message (role markers, separators), generously
 TEMPLATE_RESERVE = 64  # tokens a template may add once (a default system prompt, the assistant's header)
 MAX_STORED_CHARS = 2000  # of a turn's question or answer: longer text is cut when stored
+PRUNE_EVERY = 50  # turns written between two applications of the retention limits
 # Words too common to make a turn relevant; words of one or two letters are skipped too.
 STOPWORDS = frozenset(
     {
@@ -134,6 +139,7 @@ class Memory:
         recall_turns: int,
         recall_tokens: int,
         enabled: bool = True,
+        prune_every: int = PRUNE_EVERY,
     ) -> None:
         self.store = store
         self.enabled = enabled  # learning.memory (the supervisor neither stores nor recalls turns when false)
@@ -141,24 +147,52 @@ class Memory:
         self.keep_days = keep_days
         self.recall_turns = recall_turns
         self.recall_tokens = recall_tokens
+        self.prune_every = prune_every
+        self._unpruned = 0  # turns handed out since the limits were last applied
+
+    def turn_row(self, source: str, question: str, answer: str, request_id: int = 0) -> tuple[str, dict[str, Any]]:
+        """A turn as a row of `turns`, for the caller to write with the request's own row (Store.record_request)."""
+        self._unpruned += 1
+        row = {
+            "source": source,
+            "at": time.time(),
+            "question": question[:MAX_STORED_CHARS],
+            "answer": answer[:MAX_STORED_CHARS],
+            "request_id": request_id or None,
+        }
+        return "turns", row
 
     def remember(self, source: str, question: str, answer: str, request_id: int = 0) -> None:
-        """Store a turn and apply the retention limits to its source. A failure (a full disk) costs the turn only."""
-        now = time.time()
+        """Store a turn on its own (no request row to go with it) and apply the limits when due. A failure (a full
+        disk) costs the turn only."""
+        table, row = self.turn_row(source, question, answer, request_id)
         try:
             with self.store.locked(write=True) as db:
-                db.execute(
-                    "INSERT INTO turns (source, at, question, answer, request_id) VALUES (?, ?, ?, ?, ?)",
-                    [source, now, question[:MAX_STORED_CHARS], answer[:MAX_STORED_CHARS], request_id or None],
-                )
-                db.execute("DELETE FROM turns WHERE at < ?", [now - self.keep_days * 86400])
-                db.execute(
-                    "DELETE FROM turns WHERE source = ? AND id <= (SELECT id FROM turns WHERE source = ? "
-                    "ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    [source, source, self.keep_turns],
-                )
+                db.table(table).insert(row)
         except sqlite3.Error as e:
             log.error("could not store a turn of %s: %s", source, e)
+        self.prune_when_due()
+
+    def prune_when_due(self) -> None:
+        if self._unpruned >= self.prune_every:
+            self.prune()
+
+    def prune(self) -> None:
+        """Apply the retention limits to every source, in one transaction. A failure (a full disk: deleting needs
+        room in the WAL too) is tried again at the next turn."""
+        try:
+            with self.store.locked(write=True) as db:
+                db.execute("DELETE FROM turns WHERE at < ?", [time.time() - self.keep_days * 86400])
+                sources = [str(r[0]) for r in db.execute("SELECT DISTINCT source FROM turns").fetchall()]
+                for source in sources:
+                    db.execute(
+                        "DELETE FROM turns WHERE source = ? AND id <= (SELECT id FROM turns WHERE source = ? "
+                        "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                        [source, source, self.keep_turns],
+                    )
+            self._unpruned = 0
+        except sqlite3.Error as e:
+            log.error("could not apply the conversation's retention limits: %s", e)
 
     def recall(self, source: str, question: str, budget: int) -> list[Turn]:
         """The earlier turns of `source` relevant to `question`, best first while they fit `budget` tokens (at most

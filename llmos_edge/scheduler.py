@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from llmos_edge.engine import BadRequest, EngineError, GenerationStats
 
@@ -64,8 +64,11 @@ class EngineLike(Protocol):
     def preempt(self, job: int) -> None: ...
 
 
+Row = tuple[str, dict[str, Any]]  # a table and a row for it
+
+
 class Recorder(Protocol):
-    def record_request(self, row: dict[str, object]) -> None: ...
+    def record_request(self, row: dict[str, Any], also: Sequence[Row] = ()) -> None: ...
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Scheduler:
         unavailable: Callable[[], str] = lambda: "",
         observe: Callable[[Request, Result], None] = lambda _req, _res: None,
         prepare: Callable[[Request], str | None] = lambda _r: None,
+        also_record: Callable[[Request, Result], Sequence[Row]] = lambda _req, _res: (),
     ) -> None:
         self.engine = engine
         self.recorder = recorder
@@ -157,6 +161,9 @@ class Scheduler:
         # Before a request starts: a taught answer to give instead of generating, or None (it may also set the
         # request's messages to the recalled conversation).
         self.prepare = prepare
+        # Rows that belong with a finished request's row (its conversation turn), written in the same commit: an
+        # answer costs one fsync of the flash, not one per table.
+        self.also_record = also_record
         self._queues: dict[Priority, deque[Request]] = {c: deque() for c in CLASSES}
         self._cond = threading.Condition()
         self._stopping = False
@@ -378,6 +385,11 @@ class Scheduler:
         req.result = result
         s = result.stats
         try:
+            also = self.also_record(req, result)
+        except Exception:
+            log.exception("could not make the rows that go with request %d", req.id)
+            also = ()
+        try:
             self.recorder.record_request(
                 {
                     "source": req.source,
@@ -398,7 +410,8 @@ class Scheduler:
                     "finished_at": time.time(),
                     "rss_start_mb": rss_start,
                     "rss_end_mb": self.memory_mb() if rss_start else 0.0,
-                }
+                },
+                also,
             )
         except Exception:
             log.exception("could not record request %d", req.id)

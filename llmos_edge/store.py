@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -395,22 +395,26 @@ class Store:
             log.error("could not prune old rows (%s); the database keeps them until the next start", e)
 
     # -- writing -------------------------------------------------------------------------------------------
-    def _write(self, table: str, row: dict[str, Any]) -> int | None:
-        """Insert (or upsert by id) a row; on a full disk keep it for the next write. Returns the row id."""
+    def _write(self, table: str, row: dict[str, Any], also: Sequence[tuple[str, dict[str, Any]]] = ()) -> int | None:
+        """Insert (or upsert by id) a row, and the rows `also` names after it in the same transaction (one commit,
+        one fsync, however many tables); on a full disk keep them for the next write. Returns the first row's id."""
         with self._lock:
+            first = len(self._pending)
             self._pending.append((table, row))
+            self._pending.extend(also)
             try:
-                last = None
+                ids: list[Any] = []
                 # One transaction: on failure none of the batch is committed, and all of it stays pending.
                 with transaction(self.db):
                     for t, r in self._pending:
-                        last = self.db.table(t).insert(r, replace=True).last_pk
+                        ids.append(self.db.table(t).insert(r, replace=True).last_pk)
                 self._pending.clear()
                 self._disk_full_logged = False
-                return int(last) if last is not None else None
+                return int(ids[first]) if ids[first] is not None else None
             except sqlite3.OperationalError as e:
                 if not _disk_trouble(e):
-                    self._pending.pop()  # not a disk that will recover: keeping the row would fail every later write
+                    # not a disk that will recover: keeping these rows would fail every later write
+                    del self._pending[first:]
                     raise
                 if not self._disk_full_logged:
                     log.error("database write failed (%s); keeping rows in memory until there is room", e)
@@ -459,8 +463,9 @@ class Store:
             },
         )
 
-    def record_request(self, row: dict[str, Any]) -> None:
-        self._write("requests", {"start_id": self.start_id or None, **row})
+    def record_request(self, row: dict[str, Any], also: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+        """A finished request's row, with the rows that belong to it (its conversation turn): one commit."""
+        self._write("requests", {"start_id": self.start_id or None, **row}, also)
 
     def record_voice(self, row: dict[str, Any]) -> None:
         self._write("voice", {"start_id": self.start_id or None, **row})

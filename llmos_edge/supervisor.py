@@ -80,6 +80,7 @@ class Supervisor:
             recall_tokens=c.learning.recall_tokens,
             enabled=c.learning.memory,
         )
+        self.memory.prune()  # the retention limits, at start (then every memory.PRUNE_EVERY turns)
         self.models = ModelStore(self.store, c.models.store, c.model.path)
         self.recovered = self.models.recover()
         self.engine = Engine(
@@ -129,6 +130,7 @@ class Supervisor:
             unavailable=self.keeper.unavailable,
             observe=self._observe,
             prepare=self._prepare,
+            also_record=self._turn_of,
         )
         self.keeper.submit = self.scheduler.submit
         self.control: ControlServer | None = None
@@ -237,16 +239,21 @@ class Supervisor:
         meta = self.keeper.info.metadata if self.keeper.info is not None else {}
         return bool(meta.get("tokenizer.chat_template")) and not meta.get("llmos.prompt_template")
 
-    def _observe(self, req: Request, result: Result) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(req, result)
+    def _turn_of(self, req: Request, result: Result) -> list[tuple[str, dict[str, Any]]]:
+        """The conversation turn a finished request makes, written with its request row (one commit)."""
         if (
             self.memory.enabled
             and req.source in SOURCES
             and not req.raw
             and result.outcome == "ok"  # a blank answer too: what the person said may matter later
         ):
-            self.memory.remember(req.source, req.prompt, result.text, req.id)
+            return [self.memory.turn_row(req.source, req.prompt, result.text, req.id)]
+        return []
+
+    def _observe(self, req: Request, result: Result) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(req, result)
+        self.memory.prune_when_due()
 
     # -- status --------------------------------------------------------------------------------------------
     def status(self) -> Status:

@@ -12,10 +12,17 @@ from llmos_edge.store import Store
 
 
 def _memory(
-    tmp_path: Path, keep_turns: int = 100, keep_days: float = 30.0, recall_turns: int = 4
+    tmp_path: Path, keep_turns: int = 100, keep_days: float = 30.0, recall_turns: int = 4, prune_every: int = 1
 ) -> tuple[Store, Memory]:
     store = Store(tmp_path / "l.db")
-    memory = Memory(store, keep_turns=keep_turns, keep_days=keep_days, recall_turns=recall_turns, recall_tokens=4096)
+    memory = Memory(
+        store,
+        keep_turns=keep_turns,
+        keep_days=keep_days,
+        recall_turns=recall_turns,
+        recall_tokens=4096,
+        prune_every=prune_every,
+    )
     return store, memory
 
 
@@ -70,4 +77,22 @@ def test_forget_is_per_source_or_everything(tmp_path: Path, source: str, left: d
     assert m.counts() == left
     assert m.recall("console", "cherry", 4096) == []
     assert store.recent_events(1, ("memory_forgotten",))
+    store.close()
+
+
+def test_a_turn_is_committed_with_its_request_row_and_limits_apply_every_few_turns(tmp_path: Path) -> None:
+    store, m = _memory(tmp_path, keep_turns=2, prune_every=3)
+    commits: list[str] = []
+    store.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    for i in range(3):
+        store.record_request({"source": "console", "prompt": f"grape {i}"}, [m.turn_row("console", f"grape {i}", "ok")])
+        if i < 2:
+            m.prune_when_due()
+            assert m.counts() == {"console": i + 1}  # not pruned yet: nothing to prune, and not due
+    assert len(commits) == 3  # one commit per answer: its request row and its turn together
+    assert m.counts() == {"console": 3}  # the limit (2) waits for the third turn's prune
+    m.prune_when_due()
+    assert m.counts() == {"console": 2}
+    assert len(commits) == 4
+    assert [r["prompt"] for r in store.recent_requests()] == ["grape 0", "grape 1", "grape 2"]
     store.close()

@@ -3,6 +3,7 @@
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -70,7 +71,7 @@ class Rows:
     def __init__(self) -> None:
         self.rows: list[dict[str, object]] = []
 
-    def record_request(self, row: dict[str, object]) -> None:
+    def record_request(self, row: dict[str, Any], also: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
         self.rows.append(row)
 
 
