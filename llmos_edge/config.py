@@ -120,6 +120,13 @@ class DatabaseConfig:
     keep_samples: int = setting(
         8640, "Samples kept (8640: a day at the default interval); older ones are deleted as new ones come.", minimum=10
     )
+    sample_flush: float = setting(
+        900.0,
+        "Seconds of samples held in memory and written in one commit, to spare the flash (a commit costs about "
+        "15 kB); a power cut loses at most this much of the status page's plots. 0 writes each sample at once.",
+        minimum=0.0,
+        maximum=86400.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,19 @@ from typing import Any
 
 from llmos_edge.status import Status
 from llmos_edge.store import Store
+from llmos_edge.wear import WearMeter
 
 log = logging.getLogger(__name__)
 
 
 class Sampler:
-    def __init__(self, store: Store, status: Callable[[], Status], interval: float) -> None:
+    def __init__(
+        self, store: Store, status: Callable[[], Status], interval: float, wear: WearMeter | None = None
+    ) -> None:
         self.store = store
         self.status = status
         self.interval = interval
+        self.wear = wear  # flash wear (wear.py) is counted at the same ticks: it needs the requests of each interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_id = -1  # the newest request row already counted; -1: not read yet
@@ -57,7 +61,9 @@ class Sampler:
     def sample(self) -> dict[str, Any]:
         """Take one sample and record it; returns the row."""
         s = self.status()
-        self._last_id, tokens, decoded, decode_s = self.store.finished_since(self._last_id)
+        self._last_id, tokens, decoded, decode_s, finished = self.store.finished_since(self._last_id)
+        if self.wear is not None:
+            self.wear.tick(self.interval, finished)
         row = {
             "at": time.time(),
             "celsius": s.governor.celsius,

@@ -91,6 +91,7 @@ class Status:
     database_pending: int = 0
     database_degraded: str = ""
     learning: str = ""  # taught pairs and conversation memory, in a line (learning.py, memory.py)
+    flash: str = ""  # bytes written to the database's partition (wear.py), in a line
 
     @property
     def ready(self) -> bool:
@@ -157,6 +158,8 @@ def lines(s: Status) -> list[str]:
         + (f" ({s.database_pending} rows waiting for disk space)" if s.database_pending else "")
         + (f" (degraded: {s.database_degraded})" if s.database_degraded else "")
     )
+    if s.flash:
+        out.append(s.flash)
     return out
 
 

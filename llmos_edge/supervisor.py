@@ -49,6 +49,7 @@ from llmos_edge.status import (
 from llmos_edge.status import summary as status_summary
 from llmos_edge.store import Store
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
+from llmos_edge.wear import WearMeter
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Supervisor:
             keep_events=c.database.keep_events,
             keep_voice=c.database.keep_voice,
             keep_samples=c.database.keep_samples,
+            samples_per_commit=round(c.database.sample_flush / c.database.sample_interval),
         )
         # learning (issue 15): taught pairs and conversation memory, both in the database
         self.teaching = Teaching(self.store, c.learning.max_pairs, c.learning.teach)
@@ -175,7 +177,9 @@ class Supervisor:
                 memory=self.memory,
             )
         # the status page's history (issue 13): a row every database.sample_interval seconds
-        self.sampler = Sampler(self.store, self.status, c.database.sample_interval)
+        # flash wear (issue 14): bytes written to the database's partition, counted at the sampler's ticks
+        self.wear = WearMeter(Path(c.database.path).parent)
+        self.sampler = Sampler(self.store, self.status, c.database.sample_interval, self.wear)
         # voice (issue 6): starts after READY when voice.capture can record; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
@@ -301,6 +305,7 @@ class Supervisor:
             database_pending=self.store.pending,
             database_degraded=self.store.degraded,
             learning=self._learning_line(),
+            flash=self.wear.line(),
         )
 
     def _learning_line(self) -> str:

@@ -389,3 +389,20 @@ def test_a_database_of_schema_5_gains_the_learning_tables_and_keeps_its_rows(tmp
         d.execute("INSERT INTO turns (source, at, question, answer) VALUES ('console', 0, 'kiwi fruit', 'green')")
         assert d.execute("SELECT rowid FROM turns_fts WHERE turns_fts MATCH 'kiwi'").fetchall() == [(1,)]
     s.close()
+
+
+def test_samples_are_held_and_committed_together_and_at_close(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p, samples_per_commit=3)
+    commits: list[str] = []
+    s.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    for i in range(4):
+        s.record_sample({"at": float(i), "celsius": 50.0})
+    assert len(commits) == 1  # the first three in one commit; the fourth is held
+    assert s.db["samples"].count == 3
+    assert [r["at"] for r in s.samples_since(-1)] == [0.0, 1.0, 2.0, 3.0]  # the held one is shown too
+    assert [r["at"] for r in s.samples_since(2.5)] == [3.0]
+    s.close()
+    s = Store(p)
+    assert [r["at"] for r in s.samples_since(-1)] == [0.0, 1.0, 2.0, 3.0]  # written at close
+    s.close()
