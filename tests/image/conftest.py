@@ -254,6 +254,9 @@ def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
+STICK = "/media/MODELS"  # the models stick (models_stick below), mounted by the image's udev rule
+# (rootfs-overlay/usr/lib/udev/rules.d/80-llmos-usb-stick.rules)
+
 # A model whose gate fails: its sidecar of golden prompts expects an answer the model never gives.
 BAD_GOLDEN = b'{"prompt": "ping", "answer": "this is not the answer"}\n'
 
@@ -284,7 +287,9 @@ def device(disk: Path, serial_url: str, models_stick: Path) -> Iterator[Boot]:
         yield Boot(None, console, time.monotonic() - start, 0.0, status)
         console.close()
         return
-    b = boot(disk, "first-boot", usb_stick=models_stick)
+    # Through nbdkit's writeback cache (image/volatiledisk.py): test_image.py's power cut then loses what was not
+    # flushed, like test_power_cut.py's, instead of being a mere crash.
+    b = boot(disk, "first-boot", usb_stick=models_stick, volatile_cache=True)
     measure("boot_wall_s_to_prompt_first", round(b.prompt_s, 1))
     measure("boot_wall_s_to_ready_first", round(b.wall_s, 1))
     yield b

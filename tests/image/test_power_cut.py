@@ -1,16 +1,19 @@
 """Power cuts that lose the disk's write cache (issue 14): the image's disk is served by nbdkit through its cache
 filter in writeback mode (image/volatiledisk.py), so a cut loses every write the guest has not flushed, as a real
-card or SSD with a volatile cache would. Killing QEMU alone (test_image.py's cut) is only a crash: QEMU's writes are
-then already in the host's page cache.
+card or SSD with a volatile cache would. Killing QEMU on an ordinary disk is only a crash: QEMU's writes are then
+already in the host's page cache.
 
-First, on the host, that the disk really loses what was not flushed. Then a few cuts at random moments of one disk's
-life (while it boots, while an answer streams, right after an answer): after each the device boots again, and at the
-end the database passes `integrity_check` and holds every request that was answered before a cut (an answer's row is
-committed with synchronous=FULL, so flushed, before its prompt comes back).
+First, on the host, that the disk really loses what was not flushed. Then four cuts at random moments of one disk's
+life (while it boots, while an answer streams, while a model installs from a USB stick, right after an answer); with
+test_image.py's cut (its first boot is on the same kind of disk) `make test` cuts five times. After each the device
+boots again, and at the end the database passes `integrity_check`, holds every request that was answered before a
+cut (an answer's row is committed with synchronous=FULL, so flushed, before its prompt comes back), and the model
+store holds no half-done install: every registered file has its sha256, and no file is left that is not registered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sqlite3
@@ -18,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -25,6 +29,7 @@ from conftest import (
     BOOT_TIMEOUT,
     PROMPT,
     ROOT,
+    STICK,
     TEST_DISK_BYTES,
     Boot,
     boot,
@@ -74,9 +79,9 @@ def ask_unique(b: Boot, rng: random.Random, answered: list[str]) -> None:
     answered.append(prompt)
 
 
-def cut_after(disk: Path, name: str, action: Callable[[Boot], str]) -> str:
+def cut_after(disk: Path, name: str, action: Callable[[Boot], str], **options: Any) -> str:
     """Boot to READY on the volatile disk, do `action`, cut the power. Returns what `action` says was cut."""
-    b = boot(disk, name, volatile_cache=True)
+    b = boot(disk, name, volatile_cache=True, **options)
     try:
         what = action(b)
         b.power_cut()
@@ -95,7 +100,9 @@ def cut_disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return disk
 
 
-def test_power_cuts_at_random_moments_keep_every_answered_request(cut_disk: Path, tmp_path: Path) -> None:
+def test_power_cuts_at_random_moments_keep_every_answered_request(
+    cut_disk: Path, models_stick: Path, tmp_path: Path
+) -> None:
     rng = random.Random(seed())
     answered: list[str] = []
     cuts: list[str] = []
@@ -128,12 +135,25 @@ def test_power_cuts_at_random_moments_keep_every_answered_request(cut_disk: Path
 
     cuts.append(cut_after(cut_disk, "cut-2-streaming", streaming))
 
-    # 3. Right after an answer: its row has just been committed.
+    # 3. While a model installs from the USB stick (copy, hash, fsync, rename, register, gate), after an answer.
+    def installing(b: Boot) -> str:
+        ask_unique(b, rng, answered)
+        b.console.send_line(f"/model install {STICK}/good.gguf")
+        at = rng.uniform(0.0, 15.0)
+        try:
+            b.console.read_until(PROMPT, at)
+            return f"after the install had ended ({at:.1f} s)"
+        except TimeoutError:
+            return f"installing ({at:.1f} s in)"
+
+    cuts.append(cut_after(cut_disk, "cut-3-installing", installing, usb_stick=models_stick))
+
+    # 4. Right after an answer: its row has just been committed.
     def after_answer(b: Boot) -> str:
         ask_unique(b, rng, answered)
         return "right after an answer"
 
-    cuts.append(cut_after(cut_disk, "cut-3-after-answer", after_answer))
+    cuts.append(cut_after(cut_disk, "cut-4-after-answer", after_answer))
 
     # The device comes up again, answers, and powers off cleanly.
     last = boot(cut_disk, "cut-final", volatile_cache=True)
@@ -151,5 +171,15 @@ def test_power_cuts_at_random_moments_keep_every_answered_request(cut_disk: Path
     missing = [p for p in answered if p not in prompts]
     assert not missing, f"requests answered before a cut are gone: {missing} (cuts: {cuts})"
     starts = db.execute("SELECT COUNT(*) FROM starts").fetchone()[0]
-    assert starts >= 3, f"the boots after the cuts are not all recorded ({starts} starts)"
+    assert starts >= 4, f"the boots after the cuts are not all recorded ({starts} starts)"
     assert root_digest(cut_disk) == root_before, "the read-only root partition changed"
+
+    # No install left half done: the final boot's recovery removed what the cut left, and what is registered is whole.
+    rows = db.execute("SELECT path, sha256, state FROM models WHERE state != 'removed' AND sha256 != ''").fetchall()
+    registered = {Path(path).name: (sha, state) for path, sha, state in rows}  # the built-in model has no sha256
+    files = copy_from_var(cut_disk, "/lib/llmos/models", tmp_path / "models")
+    present = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files.iterdir()} if files.is_dir() else {}
+    present = {name: sha for name, sha in present.items() if not name.endswith(".golden.jsonl")}
+    store = f"files {present}, registered {registered} (cuts: {cuts})"
+    assert all(registered.get(name, ("",))[0] == sha for name, sha in present.items()), store
+    assert all(name in present for name, (_, state) in registered.items() if state != "failed"), store
