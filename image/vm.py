@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from volatiledisk import VolatileDisk  # beside this file: the script's directory, or image/ on the importer's path
 
@@ -276,6 +276,10 @@ class VM:
 
     def powerdown(self) -> None:
         """Press the ACPI power button (through QMP): the guest shuts down cleanly and QEMU exits."""
+        self.qmp("system_powerdown")
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on this VM's control socket and return its reply's `return` value."""
         if self.cfg.qmp_socket is None:
             raise VMError("this VM has no QMP socket", "start it with VMConfig(qmp_socket=...)")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -283,8 +287,9 @@ class VM:
             s.connect(os.fspath(self.cfg.qmp_socket))
             f = s.makefile("rwb")
             f.readline()  # greeting
-            for cmd in ("qmp_capabilities", "system_powerdown"):
-                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            reply: dict[str, Any] = {}
+            for cmd, args in (("qmp_capabilities", None), (command, arguments)):
+                f.write(json.dumps({"execute": cmd, **({"arguments": args} if args else {})}).encode() + b"\n")
                 f.flush()
                 while True:  # skip asynchronous events until the command's reply
                     reply = json.loads(f.readline())
@@ -292,6 +297,7 @@ class VM:
                         break
                 if "error" in reply:
                     raise VMError(f"QMP {cmd} failed: {reply['error']}")
+            return reply["return"]
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
