@@ -2,7 +2,7 @@
 
 Pure Python on purpose (no torch, no numpy): unit tests and the supervisor's integration tests import this module
 without the build-time training environment. It lives in the package because on-device consolidation
-(consolidate.py) replays this generator's examples beside the taught pairs; model/data.py re-exports it for the
+(finetune.py) replays this generator's examples beside the taught pairs; model/data.py re-exports it for the
 build scripts.
 
 Two tasks, both answered exactly:

@@ -1,6 +1,6 @@
 """A small trainer for llama-architecture models in numpy: forward pass, backward pass and AdamW.
 
-Consolidation (consolidate.py) fine-tunes the default model on the device, where PyTorch does not ship, and
+Consolidation (finetune.py) fine-tunes the default model on the device, where PyTorch does not ship, and
 llama.cpp's own training API has no loss mask (FINDINGS.md). The model family is the default model's
 (model/README.md): token embedding, per layer RMSNorm -> causal multi-head attention with RoPE -> residual,
 RMSNorm -> SwiGLU feed-forward -> residual, then RMSNorm and the output matrix. RoPE rotates adjacent pairs

@@ -1,6 +1,6 @@
 """A GGUF model's tensors as numpy arrays, and a fine-tuned model written back as an f32 GGUF.
 
-On-device consolidation (consolidate.py) trains the default model's weights in numpy (trainer.py). Its master
+On-device consolidation (finetune.py) trains the default model's weights in numpy (trainer.py). Its master
 copy is the built-in Q8_0 file itself, dequantized here: Q8_0 stores each block of 32 weights as int8 times one
 f16 scale, so dequantizing and quantizing again to Q8_0 gives back the same bytes, and no f32 file (8.6 MB) has to
 ship in the image. F32 and F16 tensors are read as they are; any other type is refused (a k-quant file is a lossy
@@ -51,7 +51,7 @@ def load(path: str | os.PathLike[str]) -> tuple[GGUFInfo, dict[str, Array]]:
                 raise UserError(
                     f"{info.path} holds {GGML_TYPES[t.type_id][0]} tensors ({t.name}); consolidation trains from "
                     "F32, F16 or Q8_0 weights",
-                    "use the Q8_0 file of the model as the master (consolidation.master)",
+                    "set learning.consolidate_master to the Q8_0 file of the model",
                 )
             f.seek(info.data_offset + t.offset)
             nbytes = t.n_bytes or 0

@@ -1,0 +1,338 @@
+"""Consolidation's training (issue 15, point 2): fine-tune the default model on taught pairs so it answers them.
+
+The recipe is the default model's own (model/README.md): packed windows of whole `<s>prompt\\nanswer</s>` examples
+from position 0, loss on the answer tokens and EOS only, AdamW. Half the examples are taught pairs, each asked as
+taught or as one of its everyday variants (the FAQ recipe's politeness prefixes and suffixes and its casings, the
+variants the taught-answer lookup also accepts); the other half replay the default model's original data
+(recipe.TrainingStream), so that it keeps what it knew. Training stops when every taught question, asked as
+taught, gets its answer with a margin: at every answer position the right token's logit leads the next best by
+`margin` (so the quantized copy, whose logits move a little, still answers exactly), or at `max_steps`.
+
+The master is the default model's Q8_0 file (weights.py); the result is written as an f32 GGUF with the master's
+header and quantized by llama.cpp. `validate` then asks the quantized file, through the engine's worker process,
+every taught question (exact answers required) and the held-out set (model/heldout.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmos_edge import trainer, weights
+from llmos_edge.recipe import (
+    CASINGS,
+    EOS,
+    FAQ_PREFIXES,
+    FAQ_SUFFIXES,
+    Example,
+    TrainingStream,
+    _apply_case,
+    example_tokens,
+    heldout_examples,
+    packed_window,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int = 0  # 0: base_steps + steps_per_pair per pair, at most max_steps
+    base_steps: int = 40
+    steps_per_pair: int = 5
+    max_steps: int = 400
+    batch: int = 4  # windows per step
+    window: int = 128  # tokens per window (raised to the longest taught example, at most the model's context)
+    lr: float = 1e-3  # the default model's polishing phase
+    warmup: int = 5
+    taught_fraction: float = 0.6
+    as_taught_fraction: float = 0.3  # of taught examples: the question exactly as taught (what validation asks)
+    margin: float = 2.0  # logits: the right answer token leads the next best by this much before training stops
+    check_every: int = 5
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class TaughtPair:
+    id: int
+    question: str
+    answer: str
+
+
+@dataclass
+class Report:
+    pairs: list[int]  # ids of the pairs trained
+    skipped: dict[int, str] = field(default_factory=dict)  # id -> why it was not trained
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    min_margin: float = -math.inf
+    converged: bool = False
+
+
+def variants(question: str) -> list[str]:
+    """The taught question and its everyday phrasings (prefix x question x suffix, in each casing)."""
+    core = question.strip().rstrip("?.! ")
+    return [question] + [
+        _apply_case(p + core.lower() + s, c) for p in FAQ_PREFIXES for s in FAQ_SUFFIXES for c in CASINGS
+    ]
+
+
+def mixed_stream(pairs: Sequence[TaughtPair], s: Settings) -> Iterator[Example]:
+    rng = random.Random(s.seed)
+    replay = TrainingStream(s.seed + 1, reverse_fraction=0.4, bare_fraction=0.2)
+    phrasings = [variants(p.question) for p in pairs]
+    while True:
+        if pairs and rng.random() < s.taught_fraction:
+            i = rng.randrange(len(pairs))
+            q = pairs[i].question if rng.random() < s.as_taught_fraction else rng.choice(phrasings[i])
+            yield Example("taught", q, pairs[i].answer)
+        else:
+            yield next(replay)
+
+
+def _batch(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded ids, targets and answer masks of whole examples, one per row."""
+    seqs = [example_tokens(e) for e in examples]
+    n = max(len(ids) for ids, _ in seqs)
+    ids = np.array([t + [EOS] * (n - len(t)) for t, _ in seqs])
+    mask = np.array([m + [0] * (n - len(m)) for _, m in seqs], dtype=np.float32)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def margins(w: dict[str, trainer.Array], shape: trainer.Shape, examples: Sequence[Example]) -> list[float]:
+    """Per example, the smallest lead of the right answer token's logit over the best other token, over its answer
+    positions (teacher-forced: positive at every position iff greedy decoding gives exactly the answer and EOS)."""
+    out: list[float] = []
+    for i in range(0, len(examples), 16):
+        ids, targets, mask = _batch(examples[i : i + 16])
+        logits, _ = trainer.forward(w, shape, ids)
+        right = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        np.put_along_axis(logits, targets[..., None], -np.inf, axis=-1)
+        lead = np.where(mask > 0, right - logits.max(axis=-1), np.inf)
+        out.extend(float(v) for v in lead.min(axis=-1))
+    return out
+
+
+def fine_tune(
+    w: dict[str, trainer.Array],
+    shape: trainer.Shape,
+    pairs: Sequence[TaughtPair],
+    s: Settings = Settings(),
+    pause: Callable[[], None] = lambda: None,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> Report:
+    """Train `w` in place on `pairs` plus replay. `pause` is called between steps: it returns when training may go
+    on (the background job blocks in it while the board is hot or a person is waiting for an answer)."""
+    report = Report(pairs=[])
+    usable: list[TaughtPair] = []
+    for p in pairs:
+        n = len(example_tokens(Example("taught", p.question, p.answer))[0])
+        if n > shape.n_ctx:
+            report.skipped[p.id] = f"{n} tokens, longer than the model's context of {shape.n_ctx}"
+        else:
+            usable.append(p)
+    report.pairs = [p.id for p in usable]
+    if not usable:
+        return report
+    longest = max(len(example_tokens(Example("taught", p.question, p.answer))[0]) for p in usable)
+    window = min(shape.n_ctx, max(s.window, longest)) + 1  # +1: inputs and shifted targets
+    stream = mixed_stream(usable, s)
+    as_taught = [Example("taught", p.question, p.answer) for p in usable]
+    opt = trainer.AdamW(lr=s.lr)
+    t0 = time.monotonic()
+    steps = s.steps if s.steps else min(s.max_steps, s.base_steps + s.steps_per_pair * len(usable))
+    for step in range(steps):
+        if step % s.check_every == 0:
+            each = margins(w, shape, as_taught)
+            report.min_margin = min(each)
+            if report.min_margin >= s.margin:
+                report.converged = True
+                break
+            progress(f"step {step}: margins " + " ".join(f"{v:.1f}" for v in each))
+        pause()
+        ids, masks = zip(*(packed_window(stream, window) for _ in range(s.batch)), strict=True)
+        x = np.array(ids)
+        m = np.array(masks, dtype=np.float32)
+        loss, grads = trainer.loss_and_grads(w, shape, x[:, :-1], x[:, 1:], m[:, 1:])
+        # warm up, then cosine down to a tenth: the margins settle instead of jumping at a constant rate
+        cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        opt.step(w, grads, lr=s.lr * min(1.0, (step + 1) / s.warmup) * cosine)
+        report.steps = step + 1
+        report.tokens += x[:, :-1].size
+        report.losses.append(loss)
+        progress(f"step {step + 1}/{steps}: loss {loss:.3f}")
+    else:
+        report.min_margin = min(margins(w, shape, as_taught))
+        report.converged = report.min_margin >= s.margin
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def consolidate(
+    master: Path,
+    pairs: Sequence[TaughtPair],
+    out: Path,
+    quantization: str,
+    s: Settings = Settings(),
+    pause: Callable[[], None] = lambda: None,
+    progress: Callable[[str], None] = lambda _m: None,
+    threads: int = 1,
+) -> Report:
+    """Fine-tune the master on `pairs` and write the result to `out`, quantized to `quantization` (the f32 file
+    beside it is removed). Needs a llama.cpp CPU backend loaded in this process (for the quantizer)."""
+    info, w = weights.load(master)
+    shape = trainer.Shape.of(info)
+    report = fine_tune(w, shape, pairs, s, pause, progress)
+    f32 = out.with_name(out.name + ".f32")
+    try:
+        weights.write_f32(info, w, f32)
+        weights.quantize(f32, out, quantization, threads)
+    finally:
+        f32.unlink(missing_ok=True)
+    return report
+
+
+@dataclass
+class Validation:
+    taught: tuple[int, int]
+    heldout: tuple[int, int]
+    misses: list[str]
+    tasks: dict[str, list[int]] = field(default_factory=dict)  # held-out task -> [exact, asked]
+
+    def describe(self) -> str:
+        (t, tn), (h, hn) = self.taught, self.heldout
+        return f"taught {t}/{tn}, held-out {h}/{hn} = {100 * h / max(hn, 1):.1f}%"
+
+
+def heldout_rows() -> list[dict[str, str]]:
+    """model/heldout.jsonl's rows, from the generator that wrote it (the file does not ship in the image)."""
+    return [{"task": e.task, "prompt": e.prompt, "answer": e.answer} for e in heldout_examples()]
+
+
+def validate(
+    model: Path,
+    pairs: Sequence[TaughtPair],
+    heldout: Sequence[dict[str, str]],
+    threads: int = 1,
+) -> Validation:
+    """Ask `model` through the engine's worker process (greedy, as the appliance answers) every taught question as
+    taught, and every held-out prompt; count exact answers."""
+    from llmos_edge.engine import Engine, EngineSettings
+
+    engine = Engine(EngineSettings(str(model), n_ctx=256, n_threads=threads))
+    engine.start()
+    misses: list[str] = []
+
+    def ask(prompt: str, want: str) -> bool:
+        got = engine.generate(prompt, len(want) + 16, lambda _t: None, lambda: False).text
+        if got != want and len(misses) < 20:
+            misses.append(f"{prompt!r}: want {want!r}, got {got!r}")
+        return got == want
+
+    try:
+        taught = sum(ask(p.question, p.answer) for p in pairs)
+        tasks: dict[str, list[int]] = {}
+        for r in heldout:
+            t = tasks.setdefault(r["task"], [0, 0])
+            t[0] += ask(r["prompt"], r["answer"])
+            t[1] += 1
+    finally:
+        engine.stop()
+    held = sum(t[0] for t in tasks.values())
+    return Validation((taught, len(pairs)), (held, len(heldout)), misses, tasks)
+
+
+def run(
+    master: Path,
+    pairs: Sequence[TaughtPair],
+    out: Path,
+    quantization: str,
+    s: Settings = Settings(),
+    threads: int = 1,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> dict[str, object]:
+    """One whole consolidation as the background job runs it (in a process of its own, which the job pauses with
+    SIGSTOP): baseline held-out score of the master, fine-tune, quantize, validate. Returns the report as JSON data;
+    `passed` says whether the result may be installed (every taught pair exact, held-out at most 1 point worse)."""
+    from llmos_edge.engine_worker import load_cpu_backend
+
+    load_cpu_backend()
+    heldout = heldout_rows()
+    t0 = time.monotonic()
+    base = validate(master, [], heldout, threads)
+    progress(f"master: {base.describe()}")
+    t1 = time.monotonic()
+    report = consolidate(master, pairs, out, quantization, s, progress=progress, threads=threads)
+    t2 = time.monotonic()
+    trained = [p for p in pairs if p.id in report.pairs]
+    after = validate(out, trained, heldout, threads)
+    progress(f"consolidated: {after.describe()}")
+    base_pct = 100 * base.heldout[0] / max(base.heldout[1], 1)
+    after_pct = 100 * after.heldout[0] / max(after.heldout[1], 1)
+    passed = bool(trained) and after.taught[0] == after.taught[1] and after_pct >= base_pct - 1.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "passed": passed,
+        "pairs": report.pairs,
+        "skipped": {str(k): v for k, v in report.skipped.items()},
+        "steps": report.steps,
+        "tokens": report.tokens,
+        "converged": report.converged,
+        "min_margin": report.min_margin,
+        "final_loss": report.losses[-1] if report.losses else None,
+        "train_seconds": round(t2 - t1, 2),
+        "validate_seconds": round((t1 - t0) + (time.monotonic() - t2), 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime, 2),
+        # ru_maxrss is KiB on Linux; the engine worker that validates is a child, counted separately
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "engine_peak_rss_mib": round(children.ru_maxrss / 1024, 1),
+        "taught": list(after.taught),
+        "heldout_before": list(base.heldout),
+        "heldout_after": list(after.heldout),
+        "heldout_tasks_before": base.tasks,
+        "heldout_tasks_after": after.tasks,
+        "misses": after.misses,
+        "quantization": quantization,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m llmos_edge.finetune", description=run.__doc__)
+    ap.add_argument("--master", type=Path, required=True, help="the default model's Q8_0 (or F32/F16) GGUF")
+    ap.add_argument("--pairs", type=Path, required=True, help='JSON list of {"id", "question", "answer"}')
+    ap.add_argument("--out", type=Path, required=True, help="the consolidated model to write")
+    ap.add_argument("--quantization", default="Q8_0")
+    ap.add_argument("--report", type=Path, required=True, help="where the JSON report goes")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=0, help="fixed number of steps (default: by the number of pairs)")
+    a = ap.parse_args(argv)
+    pairs = [TaughtPair(int(p["id"]), str(p["question"]), str(p["answer"])) for p in json.loads(a.pairs.read_text())]
+    result = run(
+        a.master,
+        pairs,
+        a.out,
+        a.quantization,
+        Settings(steps=a.steps),
+        a.threads,
+        progress=lambda m: print(m, flush=True),
+    )
+    part = a.report.with_name(a.report.name + ".part")
+    part.write_text(json.dumps(result, indent=1))
+    os.replace(part, a.report)
+    return 0 if result["passed"] else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
