@@ -114,3 +114,10 @@ $(BARE_IMAGE): bench/bare/mkosi.conf $(shell find bench/bare/extra 2>/dev/null) 
 
 bench-boot: venv $(IMAGE) $(BARE_IMAGE)
 	$(PY) bench/boot.py --image $(IMAGE) --bare $(BARE_IMAGE) --rounds 2 --write
+
+# Learning (issue 15, point 4): consolidating 10 and 50 taught pairs into the default model, at Q8_0 and Q4_K_M.
+.PHONY: bench-learning
+bench: bench-learning
+
+bench-learning: venv
+	$(PY) bench/learning.py --counts 10 50 --threads 1 --write

@@ -16,16 +16,33 @@ SHAPES = [
     ("what is the name of the {x}", "The {x} is called {y}."),
 ]
 FILLERS = [
-    [("guest", "sunflower42"), ("office", "blue-kettle-7"), ("garden", "mossy-stone"), ("lab", "quartz19"), ("loft", "owl-and-moon")],
-    [("manual", "in the top drawer"), ("spare key", "under the blue pot"), ("first aid kit", "by the back door"),
-     ("ladder", "in the garage"), ("remote", "on the bookshelf")],
+    [
+        ("guest", "sunflower42"),
+        ("office", "blue-kettle-7"),
+        ("garden", "mossy-stone"),
+        ("lab", "quartz19"),
+        ("loft", "owl-and-moon"),
+    ],
+    [
+        ("manual", "in the top drawer"),
+        ("spare key", "under the blue pot"),
+        ("first aid kit", "by the back door"),
+        ("ladder", "in the garage"),
+        ("remote", "on the bookshelf"),
+    ],
     [("monday", "Ada"), ("tuesday", "Ben"), ("wednesday", "Chloe"), ("thursday", "Dev"), ("friday", "Eva")],
     [("library", "nine"), ("pharmacy", "eight thirty"), ("gym", "six"), ("bakery", "seven"), ("post office", "ten")],
     [("front door", "4711"), ("bike lock", "2580"), ("safe", "1357"), ("gate", "8642"), ("locker", "3141")],
     [("router", "ten"), ("printer", "five"), ("heater", "three"), ("doorbell", "eight"), ("camera", "twelve")],
     [("anna", "214"), ("bob", "305"), ("carla", "118"), ("dmitri", "422"), ("emma", "509")],
     [("glass", "green"), ("paper", "blue"), ("plastic", "yellow"), ("food", "brown"), ("metal", "grey")],
-    [("paper", "monday"), ("glass", "friday"), ("garden waste", "wednesday"), ("plastic", "tuesday"), ("rubbish", "thursday")],
+    [
+        ("paper", "monday"),
+        ("glass", "friday"),
+        ("garden waste", "wednesday"),
+        ("plastic", "tuesday"),
+        ("rubbish", "thursday"),
+    ],
     [("cat", "Miso"), ("dog", "Pepper"), ("robot vacuum", "Dusty"), ("boat", "Sea Breeze"), ("plant", "Gerald")],
 ]
 

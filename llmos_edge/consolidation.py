@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,19 +59,24 @@ class Consolidation:
         *,
         work_dir: Path,
         master: str,
+        baseline: str,
         quantization: Callable[[], str],
         idle: Callable[[], bool],
         hot: Callable[[], bool],
         after: float,
         threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        command: Sequence[str] = (sys.executable, "-m", "llmos_edge.finetune"),
+        resume_after: float = RESUME_AFTER,
     ) -> None:
         self.store, self.teaching, self.models, self.keeper = store, teaching, models, keeper
         self.work_dir = work_dir
         self.master = master
+        self.baseline = baseline  # the built-in model: held-out scores are compared with it
         self.quantization = quantization  # the active model's type: the result is quantized the same way
         self.idle, self.hot = idle, hot
         self.after, self.threads, self.clock = after, threads, clock
+        self.command, self.resume_after = list(command), resume_after  # tests give a stand-in for the fine-tune
         self.proc: subprocess.Popen[bytes] | None = None
         self.run_id = 0
         self.run_pairs: list[Pair] = []
@@ -148,7 +153,7 @@ class Consolidation:
             self._signal(signal.SIGSTOP)
             self.paused = True
             self.store.event("consolidation", f"run {self.run_id} paused (a request, or heat)")
-        elif not hold and self.paused and now - self.last_busy >= RESUME_AFTER:
+        elif not hold and self.paused and now - self.last_busy >= self.resume_after:
             self._signal(signal.SIGCONT)
             self.paused = False
             self.store.event("consolidation", f"run {self.run_id} continues")
@@ -182,17 +187,15 @@ class Consolidation:
         out, pairs_file, report, logfile = self._paths(self.run_id)
         pairs_file.write_text(json.dumps([{"id": p.id, "question": p.question, "answer": p.answer} for p in pairs]))
         cmd = [
-            sys.executable,
-            "-m",
-            "llmos_edge.finetune",
+            *self.command,
             "--master",
             self.master,
             "--pairs",
             str(pairs_file),
             "--out",
-            str(out),
-            "--quantization",
-            self.quantization(),
+            f"{self.quantization()}={out}",
+            "--baseline",
+            f"{self.quantization()}={self.baseline}",
             "--report",
             str(report),
             "--threads",

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class Settings:
     warmup: int = 5
     taught_fraction: float = 0.6
     as_taught_fraction: float = 0.3  # of taught examples: the question exactly as taught (what validation asks)
+    replay_reverse_fraction: float = 0.3  # of replayed examples: reversals (the rest is the FAQ)
     margin: float = 2.0  # logits: the right answer token leads the next best by this much before training stops
     check_every: int = 5
     seed: int = 1234
@@ -87,7 +89,7 @@ def variants(question: str) -> list[str]:
 
 def mixed_stream(pairs: Sequence[TaughtPair], s: Settings) -> Iterator[Example]:
     rng = random.Random(s.seed)
-    replay = TrainingStream(s.seed + 1, reverse_fraction=0.4, bare_fraction=0.2)
+    replay = TrainingStream(s.seed + 1, reverse_fraction=s.replay_reverse_fraction, bare_fraction=0.2)
     phrasings = [variants(p.question) for p in pairs]
     while True:
         if pairs and rng.random() < s.taught_fraction:
@@ -179,22 +181,23 @@ def fine_tune(
 def consolidate(
     master: Path,
     pairs: Sequence[TaughtPair],
-    out: Path,
-    quantization: str,
+    outs: dict[str, Path],
     s: Settings = Settings(),
     pause: Callable[[], None] = lambda: None,
     progress: Callable[[str], None] = lambda _m: None,
     threads: int = 1,
 ) -> Report:
-    """Fine-tune the master on `pairs` and write the result to `out`, quantized to `quantization` (the f32 file
-    beside it is removed). Needs a llama.cpp CPU backend loaded in this process (for the quantizer)."""
+    """Fine-tune the master on `pairs` and write the result quantized to each type of `outs` (type -> path; the f32
+    file in between is removed). Needs a llama.cpp CPU backend loaded in this process (for the quantizer)."""
     info, w = weights.load(master)
     shape = trainer.Shape.of(info)
     report = fine_tune(w, shape, pairs, s, pause, progress)
-    f32 = out.with_name(out.name + ".f32")
+    first = next(iter(outs.values()))
+    f32 = first.with_name(first.name + ".f32")
     try:
         weights.write_f32(info, w, f32)
-        weights.quantize(f32, out, quantization, threads)
+        for quantization, out in outs.items():
+            weights.quantize(f32, out, quantization, threads)
     finally:
         f32.unlink(missing_ok=True)
     return report
@@ -253,35 +256,48 @@ def validate(
 def run(
     master: Path,
     pairs: Sequence[TaughtPair],
-    out: Path,
-    quantization: str,
+    outs: dict[str, Path],
+    baselines: dict[str, Path] | None = None,
     s: Settings = Settings(),
     threads: int = 1,
     progress: Callable[[str], None] = lambda _m: None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One whole consolidation as the background job runs it (in a process of its own, which the job pauses with
-    SIGSTOP): baseline held-out score of the master, fine-tune, quantize, validate. Returns the report as JSON data;
-    `passed` says whether the result may be installed (every taught pair exact, held-out at most 1 point worse)."""
+    SIGSTOP): fine-tune, quantize to each type of `outs`, and validate each file against its baseline (the model it
+    would replace; default: the master): every taught pair exact, the held-out set at most 1 point worse. Returns
+    the report as JSON data; `passed` says whether every file may be installed."""
     from llmos_edge.engine_worker import load_cpu_backend
 
     load_cpu_backend()
     heldout = heldout_rows()
     t0 = time.monotonic()
-    base = validate(master, [], heldout, threads)
-    progress(f"master: {base.describe()}")
+    report = consolidate(master, pairs, outs, s, progress=progress, threads=threads)
     t1 = time.monotonic()
-    report = consolidate(master, pairs, out, quantization, s, progress=progress, threads=threads)
-    t2 = time.monotonic()
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # training and quantizing: the engine is not started yet
     trained = [p for p in pairs if p.id in report.pairs]
-    after = validate(out, trained, heldout, threads)
-    progress(f"consolidated: {after.describe()}")
-    base_pct = 100 * base.heldout[0] / max(base.heldout[1], 1)
-    after_pct = 100 * after.heldout[0] / max(after.heldout[1], 1)
-    passed = bool(trained) and after.taught[0] == after.taught[1] and after_pct >= base_pct - 1.0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results: dict[str, dict[str, Any]] = {}
+    for quantization, out in outs.items():
+        base_path = (baselines or {}).get(quantization, master)
+        base = validate(base_path, trained, heldout, threads)
+        after = validate(out, trained, heldout, threads)
+        progress(f"{quantization}: before {base.describe()}; after {after.describe()}")
+        base_pct = 100 * base.heldout[0] / max(base.heldout[1], 1)
+        after_pct = 100 * after.heldout[0] / max(after.heldout[1], 1)
+        results[quantization] = {
+            "passed": bool(trained) and after.taught[0] == after.taught[1] and after_pct >= base_pct - 1.0,
+            "baseline": str(base_path),
+            "taught_before": list(base.taught),
+            "taught": list(after.taught),
+            "heldout_before": list(base.heldout),
+            "heldout_after": list(after.heldout),
+            "heldout_tasks_before": base.tasks,
+            "heldout_tasks_after": after.tasks,
+            "misses": after.misses,
+        }
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    first = results[next(iter(outs))]
     return {
-        "passed": passed,
+        "passed": all(r["passed"] for r in results.values()),
         "pairs": report.pairs,
         "skipped": {str(k): v for k, v in report.skipped.items()},
         "steps": report.steps,
@@ -289,19 +305,17 @@ def run(
         "converged": report.converged,
         "min_margin": report.min_margin,
         "final_loss": report.losses[-1] if report.losses else None,
-        "train_seconds": round(t2 - t1, 2),
-        "validate_seconds": round((t1 - t0) + (time.monotonic() - t2), 2),
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime, 2),
-        # ru_maxrss is KiB on Linux; the engine worker that validates is a child, counted separately
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        "engine_peak_rss_mib": round(children.ru_maxrss / 1024, 1),
-        "taught": list(after.taught),
-        "heldout_before": list(base.heldout),
-        "heldout_after": list(after.heldout),
-        "heldout_tasks_before": base.tasks,
-        "heldout_tasks_after": after.tasks,
-        "misses": after.misses,
-        "quantization": quantization,
+        "train_seconds": round(t1 - t0, 2),
+        "validate_seconds": round(time.monotonic() - t1, 2),
+        # training and quantizing only (this process until validation); ru_maxrss is KiB on Linux
+        "train_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "train_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "engine_peak_rss_mib": round(children.ru_maxrss / 1024, 1),  # the validating engine workers
+        "results": results,
+        # the first output's figures at the top level, for the job's one-line summary
+        "taught": first["taught"],
+        "heldout_before": first["heldout_before"],
+        "heldout_after": first["heldout_after"],
     }
 
 
@@ -309,11 +323,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import os
 
+    def typed_path(text: str) -> tuple[str, Path]:
+        quantization, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=PATH (e.g. Q8_0=/tmp/taught.gguf)")
+        return quantization, Path(path)
+
     ap = argparse.ArgumentParser(prog="python -m llmos_edge.finetune", description=run.__doc__)
     ap.add_argument("--master", type=Path, required=True, help="the default model's Q8_0 (or F32/F16) GGUF")
     ap.add_argument("--pairs", type=Path, required=True, help='JSON list of {"id", "question", "answer"}')
-    ap.add_argument("--out", type=Path, required=True, help="the consolidated model to write")
-    ap.add_argument("--quantization", default="Q8_0")
+    ap.add_argument("--out", type=typed_path, action="append", required=True, metavar="TYPE=PATH")
+    ap.add_argument("--baseline", type=typed_path, action="append", default=[], metavar="TYPE=PATH")
     ap.add_argument("--report", type=Path, required=True, help="where the JSON report goes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=0, help="fixed number of steps (default: by the number of pairs)")
@@ -322,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(
         a.master,
         pairs,
-        a.out,
-        a.quantization,
+        dict(a.out),
+        dict(a.baseline),
         Settings(steps=a.steps),
         a.threads,
         progress=lambda m: print(m, flush=True),

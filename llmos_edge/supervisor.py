@@ -141,6 +141,7 @@ class Supervisor:
             self.keeper,
             work_dir=Path(c.models.store).parent / "consolidation",
             master=c.learning.consolidate_master or c.model.path,
+            baseline=c.model.path,
             quantization=lambda: self.models.active().quantization,
             idle=lambda: self.scheduler.idle,
             hot=self._too_hot_to_train,
