@@ -1,12 +1,11 @@
 """Consolidation's training (issue 15, point 2): fine-tune the default model on taught pairs so it answers them.
 
-The recipe is the default model's own (model/README.md): packed windows of whole `<s>prompt\\nanswer</s>` examples
-from position 0, loss on the answer tokens and EOS only, AdamW. Half the examples are taught pairs, each asked as
-taught or as one of its everyday variants (the FAQ recipe's politeness prefixes and suffixes and its casings, the
-variants the taught-answer lookup also accepts); the other half replay the default model's original data
-(recipe.TrainingStream), so that it keeps what it knew. Training stops when every taught question, asked as
-taught, gets its answer with a margin: at every answer position the right token's logit leads the next best by
-`margin` (so the quantized copy, whose logits move a little, still answers exactly), or at `max_steps`.
+The recipe is the default model's own (model/README.md): packed windows of whole `<s>prompt\nanswer</s>` examples
+from position 0, loss on the answer tokens and EOS only, AdamW. Half the examples are taught pairs, asked as taught;
+the other half replay the default model's original data (recipe.TrainingStream), so that it keeps what it knew. The
+rate is low and the schedule fixed (150 steps + 15 a pair, cosine) because the default model's held-out FAQ answers
+(new combinations of known phrasings) are fragile: the comments at Settings give the measurements. The taught
+answers' logit margins are logged as it goes.
 
 The master is the default model's Q8_0 file (weights.py); the result is written as an f32 GGUF with the master's
 header and quantized by llama.cpp. `validate` then asks the quantized file, through the engine's worker process,
@@ -60,8 +59,10 @@ class Settings:
     # combinations of those prefixes and suffixes), at 2e-4 as at 1e-3. The lookup still serves the variants.
     as_taught_fraction: float = 1.0
     replay_reverse_fraction: float = 0.3  # of replayed examples: reversals (the rest is the FAQ)
-    margin: float = 2.0  # logits: the right answer token leads the next best by this much before training stops
-    check_every: int = 5
+    # Stop early once every taught answer leads by this many logits (None: run the whole schedule). Off: a run on 2
+    # pairs that stopped at step 75 of 180, its rate still high, lost 17 of 440 held-out answers.
+    margin: float | None = None
+    check_every: int = 25
     seed: int = 1234
     train: tuple[str, ...] = ()  # substrings of the tensor names that train (empty: all)
 
@@ -161,7 +162,7 @@ def fine_tune(
         if step % s.check_every == 0:
             each = margins(w, shape, as_taught)
             report.min_margin = min(each)
-            if report.min_margin >= s.margin:
+            if s.margin is not None and report.min_margin >= s.margin:
                 report.converged = True
                 break
             progress(f"step {step}: margins " + " ".join(f"{v:.1f}" for v in each))
@@ -181,7 +182,7 @@ def fine_tune(
         progress(f"step {step + 1}/{steps}: loss {loss:.3f}")
     else:
         report.min_margin = min(margins(w, shape, as_taught))
-        report.converged = report.min_margin >= s.margin
+        report.converged = report.min_margin > 0
     report.seconds = time.monotonic() - t0
     return report
 

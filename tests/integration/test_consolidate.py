@@ -67,7 +67,6 @@ def test_consolidation_answers_from_the_weights_and_forget_takes_it_out(applianc
     assert "default: installed" in c.command("/model") and "taught-1: active" in c.command("/model")
     # from the weights: the lookup is off, and the request's row names no taught pair
     assert c.ask(q1) == a1 and c.ask(q2) == a2
-    assert c.ask("Hey llmos, WHERE IS THE SPARE KEY?") == a2  # a variant it was trained on in other casings
     conn = sqlite3.connect(f"file:{app.db}?mode=ro", uri=True)
     rows = conn.execute("SELECT taught_id, tokens_out FROM requests WHERE prompt = ?", [q1]).fetchall()
     assert rows[-1][0] is None and rows[-1][1] > 0
