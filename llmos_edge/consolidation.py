@@ -295,6 +295,11 @@ class Consolidation:
             if self.proc is not None and any(p.id == pair.id for p in self.run_pairs):
                 self._kill()
                 self.proc = None
+                with self.store.locked(write=True) as db:
+                    db.execute(
+                        "UPDATE consolidations SET finished_at = ?, outcome = 'stopped' WHERE id = ?",
+                        [time.time(), self.run_id],
+                    )
                 self.store.event("consolidation", f"run {self.run_id} stopped: a pair it trained was forgotten")
             run = pair.consolidated
             if run is None:
