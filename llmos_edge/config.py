@@ -364,6 +364,13 @@ class LearningConfig:
         "The F32, F16 or Q8_0 GGUF that consolidation fine-tunes; empty: model.path (the built-in Q8_0 model).",
     )
     consolidate_threads: int = setting(1, "CPU threads the consolidation job trains with.", minimum=1, maximum=64)
+    consolidate_max_drop: float = setting(
+        1.0,
+        "Points of the held-out score (model/heldout.jsonl, exact answers) a consolidated model may lose against the "
+        "built-in model; a run that loses more is not installed.",
+        minimum=0.0,
+        maximum=100.0,
+    )
 
 
 @dataclass(frozen=True)

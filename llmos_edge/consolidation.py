@@ -65,6 +65,7 @@ class Consolidation:
         hot: Callable[[], bool],
         after: float,
         threads: int = 1,
+        max_drop: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         command: Sequence[str] = (sys.executable, "-m", "llmos_edge.finetune"),
         resume_after: float = RESUME_AFTER,
@@ -76,6 +77,7 @@ class Consolidation:
         self.quantization = quantization  # the active model's type: the result is quantized the same way
         self.idle, self.hot = idle, hot
         self.after, self.threads, self.clock = after, threads, clock
+        self.max_drop = max_drop  # held-out points a consolidated model may lose against the built-in one
         self.command, self.resume_after = list(command), resume_after  # tests give a stand-in for the fine-tune
         self.proc: subprocess.Popen[bytes] | None = None
         self.run_id = 0
@@ -200,6 +202,8 @@ class Consolidation:
             str(report),
             "--threads",
             str(self.threads),
+            "--max-heldout-drop",
+            str(self.max_drop),
         ]
         threads = str(self.threads)
         env = os.environ | {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "GOMP_SPINCOUNT": "20000"}

@@ -147,6 +147,7 @@ class Supervisor:
             hot=self._too_hot_to_train,
             after=c.learning.consolidate_after,
             threads=c.learning.consolidate_threads,
+            max_drop=c.learning.consolidate_max_drop,
         )
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":

@@ -50,7 +50,9 @@ def _wait_for_run(app: Appliance, timeout: float) -> str:
 
 
 def test_consolidation_answers_from_the_weights_and_forget_takes_it_out(appliance_factory: type[Appliance]) -> None:
-    app = appliance_factory(config="learning:\n  lookup: false\n  consolidate_after: 0\n")
+    # The job's path through the real supervisor, engine and gate; the recipe's held-out cost is the bench's
+    # (make bench-learning) to measure against the 1-point target, so it may lose up to 5 here.
+    app = appliance_factory(config="learning:\n  lookup: false\n  consolidate_after: 0\n  consolidate_max_drop: 5\n")
     app.wait_ready()
     c = app.console
     c.read_until(b"llmos> ", 10)
