@@ -125,3 +125,10 @@ bench-powercut: venv $(IMAGE)
 bench: bench-wear
 bench-wear: venv $(IMAGE)
 	$(PY) bench/wear.py --image $(IMAGE) --write
+
+# Learning (issue 15, point 4): consolidating 10 and 50 taught pairs into the default model, at Q8_0 and Q4_K_M.
+.PHONY: bench-learning
+bench: bench-learning
+
+bench-learning: venv
+	$(PY) bench/learning.py --counts 10 50 --threads 1 --write

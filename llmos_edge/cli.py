@@ -25,6 +25,7 @@ examples:
   llmos logs -n 20                                       the last 20 requests
   llmos submit "reverse stone"                           a background request to the running supervisor
   llmos teach 'what is the wifi password => on the sticker'   teach an answer (llmos forget QUESTION undoes it)
+  llmos consolidate                                          put the taught answers into the model's weights
 """
 
 
@@ -204,6 +205,16 @@ def cmd_model(args: argparse.Namespace) -> int:
             lines = event["lines"]
             print("\n".join(lines))
             return 1 if any(" failed its gate " in line for line in lines) else 0
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from llmos_edge.control import call
+
+    words = "consolidate status" if args.status else "consolidate"
+    for event in call(_socket(args), {"op": "model", "args": words}, timeout=10):
+        if event["event"] == "model":
+            print("\n".join(event["lines"]))
     return 0
 
 
@@ -390,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--list", nargs="?", const="", metavar="WORDS", help="list the taught pairs (with WORDS in them)")
     socket_arguments(te)
     te.set_defaults(func=cmd_teach)
+
+    co = sub.add_parser(
+        "consolidate",
+        help="put the taught pairs into a new version of the built-in model's weights, when no request runs",
+        description="Fine-tunes the built-in model on the taught pairs in the background (paused while requests run "
+        "or the board is hot), validates the result, installs it as taught-N and activates it through its gate. "
+        "It also runs by itself after learning.consolidate_after idle seconds.",
+    )
+    co.add_argument("--status", action="store_true", help="say how far consolidation is, start nothing")
+    socket_arguments(co)
+    co.set_defaults(func=cmd_consolidate)
 
     fg = sub.add_parser(
         "forget",

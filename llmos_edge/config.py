@@ -354,6 +354,30 @@ class LearningConfig:
         "after the question and model.max_tokens, limits them too.",
         minimum=0,
     )
+    lookup: bool = setting(
+        True,
+        "Answer a taught question from its stored pair. False: the model alone answers (taught pairs are still "
+        "taught, kept and consolidated): how to hear what consolidation put into the weights.",
+    )
+    consolidate_after: float = setting(
+        600.0,
+        "Seconds without requests after which taught pairs not yet in the model's weights are consolidated into a "
+        "new version of the built-in model (a background job that pauses for requests and heat); 0: only when "
+        "asked (/consolidate, llmos consolidate).",
+        minimum=0.0,
+    )
+    consolidate_master: str = setting(
+        "",
+        "The F32, F16 or Q8_0 GGUF that consolidation fine-tunes; empty: model.path (the built-in Q8_0 model).",
+    )
+    consolidate_threads: int = setting(1, "CPU threads the consolidation job trains with.", minimum=1, maximum=64)
+    consolidate_max_drop: float = setting(
+        1.0,
+        "Points of the held-out score (model/heldout.jsonl, exact answers) a consolidated model may lose against the "
+        "built-in model; a run that loses more is not installed.",
+        minimum=0.0,
+        maximum=100.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ Commands:
                /model remove NAME (a model is gated before it becomes active, and rolled back if it fails)
   /teach       /teach QUESTION => ANSWER: from now on QUESTION (and its variants: case, punctuation,
                "please" ...) gets ANSWER; /forget QUESTION undoes it; /taught [WORDS] lists the pairs
+  /consolidate put the taught pairs into a new version of the built-in model's weights when no request
+               runs (it also happens by itself after learning.consolidate_after idle seconds);
+               /consolidate status says how far it is
   /memory      what the conversation memory holds; /memory forget [SOURCE|all] deletes it (this console's
                by default)
   /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back
@@ -518,6 +521,9 @@ class Console:
                 self.write(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "") + "\n")
         elif name == "/model" and self.model is not None:
             self._model(arg)
+            return
+        elif name == "/consolidate" and self.model is not None:
+            self._model(f"consolidate {arg}".strip())  # the supervisor's model_command runs the job's command
             return
         elif name == "/factory-reset" and self.request_reset is not None:
             self._confirming = True

@@ -28,6 +28,7 @@ import re
 import sqlite3
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmos_edge.errors import UserError
@@ -139,6 +140,7 @@ class Pair:
     answer: str
     source: str  # who taught it: console, submit (llmos teach), http
     taught_at: float
+    consolidated: int | None = None  # the consolidation run whose model version learnt this answer
 
     def describe(self) -> str:
         return f"#{self.id} {self.question!r} => {self.answer!r} (taught on {self.source})"
@@ -148,11 +150,12 @@ class Pair:
 
 
 def _pair(row: sqlite3.Row | tuple[object, ...]) -> Pair:
-    i, question, answer, source, at = row
-    return Pair(int(i), str(question), str(answer), str(source), float(at))  # type: ignore[arg-type]
+    i, question, answer, source, at, run = row
+    consolidated = None if run is None else int(run)  # type: ignore[arg-type]
+    return Pair(int(i), str(question), str(answer), str(source), float(at), consolidated)  # type: ignore[arg-type]
 
 
-_COLUMNS = "id, question, answer, source, taught_at"
+_COLUMNS = "id, question, answer, source, taught_at, consolidated"
 
 
 class Teaching:
@@ -162,6 +165,7 @@ class Teaching:
         self.store = store
         self.max_pairs = max_pairs
         self.enabled = enabled  # learning.teach: false keeps the pairs but neither uses nor takes new ones
+        self.on_forget: list[Callable[[Pair], None]] = []
 
     def _write_error(self, e: sqlite3.Error) -> UserError:
         return UserError(
@@ -192,8 +196,10 @@ class Teaching:
                     pid = int(cur.lastrowid or 0)
                 else:
                     pid = int(old[0])
+                    # a new answer is not in any model's weights yet: consolidated again at the next run
                     db.execute(
-                        "UPDATE taught SET question = ?, answer = ?, source = ?, taught_at = ? WHERE id = ?",
+                        "UPDATE taught SET question = ?, answer = ?, source = ?, taught_at = ?, consolidated = NULL "
+                        "WHERE id = ?",
                         [question, answer, source, time.time(), pid],
                     )
                 row = db.execute(f"SELECT {_COLUMNS} FROM taught WHERE id = ?", [pid]).fetchone()
@@ -219,6 +225,8 @@ class Teaching:
             raise UserError(f"nothing is taught for {question.strip()!r}", "/taught lists the taught questions")
         pair = _pair(row)
         self.store.event("forgot", f"forgot {pair.question!r}", {"pair": pair.id})
+        for hook in self.on_forget:  # consolidation takes a forgotten answer out of the weights too
+            hook(pair)
         return pair
 
     def lookup(self, question: str) -> Pair | None:
@@ -247,3 +255,14 @@ class Teaching:
     def count(self) -> int:
         with self.store.locked() as db:
             return int(db.execute("SELECT COUNT(*) FROM taught").fetchone()[0])
+
+    # -- consolidation (consolidation.py) ------------------------------------------------------------------
+    def all_pairs(self) -> list[Pair]:
+        with self.store.locked() as db:
+            return [_pair(r) for r in db.execute(f"SELECT {_COLUMNS} FROM taught ORDER BY id").fetchall()]
+
+    def mark_consolidated(self, ids: list[int], run: int | None) -> None:
+        """Record that run `run`'s model holds these pairs' answers (None: no model does)."""
+        with self.store.locked(write=True) as db:
+            for i in ids:
+                db.execute("UPDATE taught SET consolidated = ? WHERE id = ?", [run, i])

@@ -470,6 +470,27 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
         return _parse(_Reader(f, p, size))
 
 
+def kv_spans(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Where each metadata value lies in a GGUF file read by read_gguf: key -> (value type, start, end), and the
+    offset where the key/value section ends (the tensor table starts). For writers that copy a header and change a
+    value in place (trainer.py writes a fine-tuned model with its source's tokenizer and metadata)."""
+    p = Path(path)
+    with p.open("rb") as f:
+        r = _Reader(f, p, os.fstat(f.fileno()).st_size)
+        r.pos = 4
+        r.u32()
+        r.u64()
+        n_kv = r.u64()
+        spans: dict[str, tuple[int, int, int]] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.u32()
+            start = r.pos
+            r.value(vtype)
+            spans[key] = (vtype, start, r.pos)
+        return spans, r.pos
+
+
 def _parse(r: _Reader) -> GGUFInfo:
     p, size = r.path, r.size
     r.pos = 4

@@ -205,6 +205,17 @@ def _v6_learning(db: sqlite_utils.Database) -> None:
     db.table("requests").add_column("recalled", str)  # ids of the turns recalled into the prompt, comma-separated
 
 
+def _v7_consolidation(db: sqlite_utils.Database) -> None:
+    """Consolidation of taught pairs into the built-in model's weights (consolidation.py): one row per run (its
+    outcome, the model version it made, the pairs it trained, its report), and on each taught pair the run whose
+    model learnt its answer."""
+    db.execute(
+        "CREATE TABLE consolidations (id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL, "
+        "outcome TEXT, model TEXT, pairs TEXT, report TEXT)"
+    )
+    db.table("taught").add_column("consolidated", int)
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -213,6 +224,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v4_models,
     _v5_samples,
     _v6_learning,
+    _v7_consolidation,
 ]
 
 

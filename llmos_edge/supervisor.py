@@ -22,6 +22,7 @@ import psutil
 from llmos_edge import __version__, factory_reset, status_page
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
+from llmos_edge.consolidation import Consolidation
 from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineSettings, default_threads
 from llmos_edge.errors import UserError
@@ -48,6 +49,7 @@ from llmos_edge.status import (
 )
 from llmos_edge.status import summary as status_summary
 from llmos_edge.store import Store
+from llmos_edge.thermal import ThermalMode
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
 from llmos_edge.wear import WearMeter
 
@@ -135,6 +137,22 @@ class Supervisor:
             also_record=self._turn_of,
         )
         self.keeper.submit = self.scheduler.submit
+        # consolidation (issue 15, point 2): taught pairs into a new version of the built-in model, at idle
+        self.consolidation = Consolidation(
+            self.store,
+            self.teaching,
+            self.models,
+            self.keeper,
+            work_dir=Path(c.models.store).parent / "consolidation",
+            master=c.learning.consolidate_master or c.model.path,
+            baseline=c.model.path,
+            quantization=lambda: self.models.active().quantization,
+            idle=lambda: self.scheduler.idle,
+            hot=self._too_hot_to_train,
+            after=c.learning.consolidate_after,
+            threads=c.learning.consolidate_threads,
+            max_drop=c.learning.consolidate_max_drop,
+        )
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":
             self.control = ControlServer(
@@ -214,12 +232,17 @@ class Supervisor:
             current.cancel()
 
     # -- learning (issue 15) -------------------------------------------------------------------------------
+    def _too_hot_to_train(self) -> bool:
+        """Consolidation waits while the governor brakes generation: training would only heat the board more."""
+        return self.governor.thermal.mode in (ThermalMode.THROTTLING, ThermalMode.CRITICAL, ThermalMode.COOLING)
+
     def _prepare(self, req: Request) -> str | None:
         """Before a request starts: its taught answer, if one is taught; else its conversation's relevant earlier
         turns go before it, within the room the context leaves (memory.py says how that is counted)."""
         if req.raw or req.source not in SOURCES:
             return None
-        pair = self.teaching.lookup(req.prompt)  # None when learning.teach is false
+        # None when learning.teach is false; learning.lookup false leaves the answer to the model's weights
+        pair = self.teaching.lookup(req.prompt) if self.cfg.learning.lookup else None
         if pair is not None:
             req.taught_id = pair.id
             return pair.answer
@@ -316,7 +339,7 @@ class Supervisor:
             return f"learning: cannot read the database ({e})"
         teach = f"{pairs} taught pairs" + ("" if self.teaching.enabled else " (off: learning.teach)")
         memory = f"{turns} turns remembered" + ("" if self.memory.enabled else " (off: learning.memory)")
-        return f"learning: {teach} (/taught); {memory} (/memory)"
+        return f"learning: {teach} (/taught); {memory} (/memory); {self.consolidation.status_line()}"
 
     def model_command(self, args: str, progress: Callable[[str], None]) -> list[str]:
         """`/model ...` on the console, `llmos model ...` through the control socket. Raises UserError."""
@@ -336,13 +359,16 @@ class Supervisor:
             return [self.keeper.activate(arg, progress)]
         if action == "rollback":
             return [self.keeper.rollback(progress)]
+        if action == "consolidate":  # /consolidate, llmos consolidate: taught pairs into the weights (issue 15)
+            return [self.consolidation.status_line() if arg == "status" else self.consolidation.request()]
         if action == "remove":
             if not arg:
                 raise UserError("remove needs a model name", "`/model` lists the installed models")
             e = self.models.remove(arg)
             return [f"model: removed {e.name}"]
         raise UserError(
-            f"unknown model command {action!r}", "use list, install PATH, activate NAME, rollback, remove NAME"
+            f"unknown model command {action!r}",
+            "use list, install PATH, activate NAME, rollback, remove NAME, consolidate [status]",
         )
 
     def _install_preflight(self, info: GGUFInfo) -> None:
@@ -398,6 +424,7 @@ class Supervisor:
         self.readiness.watch.add("voice", self.voice.alive, self.voice.restart)
         self.sampler.start()
         self.readiness.watch.add("sampler", self.sampler.alive, self.sampler.restart)
+        self.consolidation.start()
         if self.console is not None:
             self.console.start()
             self.readiness.watch.add("console", self.console.alive, self.console.restart)
@@ -453,6 +480,7 @@ class Supervisor:
         self.governor.stop(left(0.5))  # governor (issue 4)
         self.sampler.stop(left(0.5))
         self.voice.stop()  # voice (issue 6)
+        self.consolidation.stop()  # a run in progress is killed; the next start begins it again
         self.scheduler.stop(timeout=left(1.0))
         self.engine.stop(timeout=left(1.0))
         self.store.event("stop", f"clean shutdown in {time.monotonic() - t0:.2f} s ({self.stop_reason or 'SIGTERM'})")
