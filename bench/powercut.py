@@ -14,9 +14,7 @@ answered before a cut, and hold no half-done install. About 100 s a cut under TC
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +25,7 @@ sys.path.insert(0, str(REPO / "image"))
 sys.path.insert(0, str(REPO / "tests" / "image"))
 sys.path.insert(0, str(REPO))
 
-import usbstick  # noqa: E402
-from conftest import BAD_GOLDEN, TEST_DISK_BYTES  # noqa: E402
+from conftest import card, make_models_stick  # noqa: E402
 from powercut import KINDS, Cuts  # noqa: E402
 
 from bench.report import begin  # noqa: E402
@@ -46,17 +43,8 @@ def main() -> int:
     report = begin()
     work = Path(tempfile.mkdtemp(prefix="llmos-powercut-"))
     disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(args.image), str(disk)], check=True)
-    os.truncate(disk, max(TEST_DISK_BYTES, disk.stat().st_size))
-    model = REPO / "model"
-    stick = usbstick.make_stick(
-        work / "stick.raw",
-        {
-            "good.gguf": model / "llmos-tiny-q4_k_m.gguf",
-            "bad.gguf": model / "llmos-tiny-q8_0.gguf",
-            "bad.golden.jsonl": BAD_GOLDEN,
-        },
-    )
+    card(args.image, disk)
+    stick = make_models_stick(work / "stick.raw")
     rng = random.Random(args.seed)
     cuts = Cuts(disk, rng, stick)
     survived = lost = pending = 0

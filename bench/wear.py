@@ -14,9 +14,7 @@ guest kernel's counters) is shown beside it. Target: at most 5 MB a day.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests" / "image"))
 sys.path.insert(0, str(REPO))
 
 import vm as vmlib  # noqa: E402
-from conftest import TEST_DISK_BYTES, boot  # noqa: E402
+from conftest import boot, card  # noqa: E402
 
 from bench.report import begin  # noqa: E402
 from llmos_edge.wear import REQUESTS_A_DAY, TARGET_DAY_BYTES, size  # noqa: E402
@@ -54,8 +52,7 @@ def main() -> int:
     report = begin()
     work = Path(tempfile.mkdtemp(prefix="llmos-wear-"))
     disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(args.image), str(disk)], check=True)
-    os.truncate(disk, max(TEST_DISK_BYTES, disk.stat().st_size))
+    card(args.image, disk)
     b = boot(disk, "bench-wear")
     assert b.vm is not None
     try:

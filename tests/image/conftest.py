@@ -248,10 +248,15 @@ def image(serial_url: str) -> Path:
 def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the image, grown to 2 GiB like a card bigger than the image: the tests may power-cut it
     and the built image stays untouched."""
-    copy = tmp_path_factory.mktemp("disk") / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
-    os.truncate(copy, max(TEST_DISK_BYTES, copy.stat().st_size))
-    return copy
+    return card(image, tmp_path_factory.mktemp("disk") / "disk.raw")
+
+
+def card(image: Path, dest: Path) -> Path:
+    """A sparse copy of `image` at `dest`, grown to TEST_DISK_BYTES like a card bigger than the image (var grows into
+    it at the first boot): what every boot of a test or a benchmark runs on, so the built image stays factory-fresh."""
+    subprocess.run(["cp", "--sparse=always", str(image), str(dest)], check=True)
+    os.truncate(dest, max(TEST_DISK_BYTES, dest.stat().st_size))
+    return dest
 
 
 STICK = "/media/MODELS"  # the models stick (models_stick below), mounted by the image's udev rule
@@ -266,11 +271,15 @@ def models_stick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FAT "USB stick" labelled MODELS (the guest mounts it at /media/MODELS) with two of the project's tiny
     models: good.gguf passes its gate (the GGUF's own ping -> pong self-test), bad.gguf is a different file that
     fails the golden prompt of its sidecar bad.golden.jsonl."""
+    return make_models_stick(tmp_path_factory.mktemp("stick") / "models.raw")
+
+
+def make_models_stick(out: Path) -> Path:
+    """models_stick's image at `out` (also for bench/powercut.py)."""
     good, bad = ROOT / "model" / "llmos-tiny-q4_k_m.gguf", ROOT / "model" / "llmos-tiny-q8_0.gguf"
     for path in (good, bad):
         if not path.exists():
-            pytest.fail(f"{path} is missing (it is part of the repository; git checkout it)")
-    out = tmp_path_factory.mktemp("stick") / "models.raw"
+            raise FileNotFoundError(f"{path} is missing (it is part of the repository; git checkout it)")
     return usbstick.make_stick(out, {"good.gguf": good, "bad.gguf": bad, "bad.golden.jsonl": BAD_GOLDEN})
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ROOT, TEST_DISK_BYTES, Boot, boot, copy_from_var, journal, measure, vmlib, write_to_var
+from conftest import ROOT, Boot, boot, card, copy_from_var, journal, measure, vmlib, write_to_var
 
 sys.path.insert(0, str(ROOT))
 from tests.fake_sysfs import write_zone
@@ -38,8 +37,7 @@ SIM_ROOT = "/lib/llmos-thermal-sim"  # in the var partition, i.e. /var/lib/llmos
 def hot_device(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Boot, Path]]:
     work = tmp_path_factory.mktemp("governor")
     disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", str(max(TEST_DISK_BYTES, disk.stat().st_size)), str(disk)], check=True)
+    card(image, disk)
     local = work / "tree"
     zone = write_zone(local, HOT)
     override = work / "llmos.yaml"

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import (
     ARTIFACTS,
-    TEST_DISK_BYTES,
     Boot,
     boot,
+    card,
     copy_from_var,
     journal,
     measure,
@@ -53,8 +53,7 @@ def reset_disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> ResetDi
     """A fresh copy of the image with a config override written onto its var partition from the host."""
     tmp = tmp_path_factory.mktemp("reset")
     disk = tmp / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", str(max(TEST_DISK_BYTES, disk.stat().st_size)), str(disk)], check=True)
+    card(image, disk)
     override = tmp / "llmos.yaml"
     override.write_text(OVERRIDE)
     write_to_var(disk, tmp, {"/lib/llmos/llmos.yaml": override})

@@ -25,9 +25,9 @@ from conftest import (
     ANSWER_END,
     ROOT,
     STICK,
-    TEST_DISK_BYTES,
     Boot,
     boot,
+    card,
     copy_from_var,
     heldout,
     host_answers,
@@ -349,8 +349,7 @@ def nehalem_with_sound(image: Path, tmp_path_factory: pytest.TempPathFactory) ->
     `none` audio backend: its line-in is silent). A fresh copy of the image, not a snapshot, so its journal and
     database can be read afterwards."""
     disk = tmp_path_factory.mktemp("nehalem") / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", str(max(TEST_DISK_BYTES, disk.stat().st_size)), str(disk)], check=True)
+    card(image, disk)
     b = boot(disk, "nehalem", cpu="Nehalem", sound="none")
     measure("boot_wall_s_to_ready_nehalem", round(b.wall_s, 1))
     yield b, disk

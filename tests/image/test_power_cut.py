@@ -10,14 +10,12 @@ hundred times.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DISK_BYTES, measure, root_digest
+from conftest import card, measure, root_digest
 from powercut import KINDS, Cuts, seed
 from volatiledisk import NbdClient, VolatileDisk
 
@@ -46,8 +44,7 @@ def test_the_disk_loses_writes_not_flushed_and_keeps_flushed_ones(tmp_path: Path
 @pytest.fixture(scope="module")
 def cut_disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     disk = tmp_path_factory.mktemp("powercut") / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    os.truncate(disk, max(TEST_DISK_BYTES, disk.stat().st_size))
+    card(image, disk)
     return disk
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ARTIFACTS, ROOT, TEST_DISK_BYTES, Boot, boot, copy_from_var, journal, measure, write_to_var
+from conftest import ARTIFACTS, ROOT, Boot, boot, card, copy_from_var, journal, measure, write_to_var
 
 sys.path.insert(0, str(ROOT))
 from tests.voice_fixtures import RATE, render, silence
@@ -41,8 +40,7 @@ ASOUNDRC = f"""pcm.mic {{
 def spoken_to(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Boot, Path, Path]]:
     work = tmp_path_factory.mktemp("voice")
     disk = work / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", str(max(TEST_DISK_BYTES, disk.stat().st_size)), str(disk)], check=True)
+    card(image, disk)
     word = render("computer")
     mic = work / "mic.raw"  # 2 s of silence, then "computer" every WAKE_EVERY_S for 4 minutes; silence after
     cycle = np.concatenate([word, silence(WAKE_EVERY_S - len(word) / RATE)])

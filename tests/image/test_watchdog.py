@@ -5,20 +5,18 @@ by llmos-test-sigstop.service, which runs only when QEMU passes its credential o
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DISK_BYTES, Boot, boot, copy_from_var, wait_ready
+from conftest import Boot, boot, card, copy_from_var, wait_ready
 
 CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop=1"]
 
 
 def test_a_sigstopped_supervisor_is_restarted_by_systemd(image: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", str(TEST_DISK_BYTES), str(disk)], check=True)
+    card(image, disk)
     b: Boot = boot(disk, "watchdog", extra=CREDENTIAL)
     try:
         # The fault unit stops the supervisor right after READY; WatchdogSec=30 later systemd kills it and starts a
