@@ -12,8 +12,8 @@ always fits, whatever the model.
 
 Only a model with a chat template is given recalled turns. Models that take one question (the default model's
 `llmos.prompt_template`) were trained without a conversation before it, and a model with no template at all would get
-the turns as raw lines: for them nothing is recalled (the supervisor decides). Their turns are still stored, ready for
-a model that can use them.
+the turns as raw lines: for them nothing is recalled, and no turn is stored either (the supervisor decides): a turn
+nothing can recall would only wear the flash (about 2.8 kB a turn, index included, even in batches).
 
 A turn is written in the same commit as its request's row (`turn_row`, through the scheduler): an answer costs the
 flash one fsync, not two. Retention, at most `learning.keep_turns` turns per source and none older than
@@ -203,8 +203,16 @@ class Memory:
             return []
         match = " OR ".join(f'"{t}"' for t in terms)
         since = time.time() - self.keep_days * 86400
-        with self.store.locked() as db:
-            rows = db.execute(
+        # Turns still held for the next batch commit (store.py's request ring) are not in the FTS5 index yet: those
+        # sharing a word with the question come first, newest first (they are the last hour's), then the index's.
+        wanted = set(terms)
+        rows = [
+            (t["id"], t["source"], t["at"], t["question"], t["answer"])
+            for t in reversed(self.store.held("turns"))
+            if t["source"] == source and wanted & set(query_terms(f"{t['question']} {t['answer']}"))
+        ]
+        with self.store.locked(fresh=False) as db:
+            rows += db.execute(
                 "SELECT t.id, t.source, t.at, t.question, t.answer FROM turns_fts JOIN turns t "
                 "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ? AND t.source = ? AND t.at >= ? "
                 "ORDER BY bm25(turns_fts), t.id DESC LIMIT 50",
@@ -255,6 +263,9 @@ class Memory:
         )
 
     def counts(self) -> dict[str, int]:
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:
             rows = db.execute("SELECT source, COUNT(*) FROM turns GROUP BY source ORDER BY source").fetchall()
-        return {str(s): int(n) for s, n in rows}
+        counts = {str(s): int(n) for s, n in rows}
+        for t in self.store.held("turns"):
+            counts[t["source"]] = counts.get(t["source"], 0) + 1
+        return dict(sorted(counts.items()))
