@@ -241,6 +241,13 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 ]
 
 
+def _prune(db: sqlite_utils.Database, keep: dict[str, int]) -> None:
+    """Delete all but the newest `keep[table]` rows of each table (ids grow with time), inside the caller's
+    transaction."""
+    for table, n in keep.items():
+        db.execute(f"DELETE FROM [{table}] WHERE id <= (SELECT MAX(id) FROM [{table}]) - ?", [n])
+
+
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[None]:
     """One transaction: everything in the block is committed, or none of it.
@@ -452,8 +459,7 @@ class Store:
         """Delete all but the newest `keep[table]` rows of each table, at start (ids grow with time)."""
         try:
             with transaction(self.db):
-                for table, n in keep.items():
-                    self.db.execute(f"DELETE FROM [{table}] WHERE id <= (SELECT MAX(id) FROM [{table}]) - ?", [n])
+                _prune(self.db, keep)
         except sqlite3.OperationalError as e:
             if not _disk_trouble(e):
                 raise
@@ -465,28 +471,40 @@ class Store:
         """Insert (or upsert by id) a row, and the rows `also` names after it in the same transaction (one commit,
         one fsync, however many tables); on a full disk keep them for the next write. Returns the first row's id."""
         with self._lock:
-            first = len(self._pending)
-            self._pending.append((table, row))
-            self._pending.extend(also)
-            try:
-                ids: list[Any] = []
-                # One transaction: on failure none of the batch is committed, and all of it stays pending.
-                with transaction(self.db):
-                    for t, r in self._pending:
-                        ids.append(self.db.table(t).insert(r, replace=True).last_pk)
-                self._pending.clear()
-                self._disk_full_logged = False
-                return int(ids[first]) if ids[first] is not None else None
-            except sqlite3.OperationalError as e:
-                if not _disk_trouble(e):
-                    # not a disk that will recover: keeping these rows would fail every later write
-                    del self._pending[first:]
-                    raise
-                if not self._disk_full_logged:
-                    log.error("database write failed (%s); keeping rows in memory until there is room", e)
-                    self._disk_full_logged = True
-                del self._pending[:-PENDING_MAX]
-                return None
+            return self._write_locked(table, row, also)
+
+    def _write_locked(
+        self,
+        table: str,
+        row: dict[str, Any],
+        also: Sequence[tuple[str, dict[str, Any]]],
+        keep: dict[str, int] | None = None,
+    ) -> int | None:
+        """_write, for a caller that holds the lock; `keep` prunes those tables to that many rows in the same
+        commit (a prune of its own would cost the flash a second commit)."""
+        first = len(self._pending)
+        self._pending.append((table, row))
+        self._pending.extend(also)
+        try:
+            ids: list[Any] = []
+            # One transaction: on failure none of the batch is committed, and all of it stays pending.
+            with transaction(self.db):
+                for t, r in self._pending:
+                    ids.append(self.db.table(t).insert(r, replace=True).last_pk)
+                _prune(self.db, keep or {})
+            self._pending.clear()
+            self._disk_full_logged = False
+            return int(ids[first]) if ids[first] is not None else None
+        except sqlite3.OperationalError as e:
+            if not _disk_trouble(e):
+                # not a disk that will recover: keeping these rows would fail every later write
+                del self._pending[first:]
+                raise
+            if not self._disk_full_logged:
+                log.error("database write failed (%s); keeping rows in memory until there is room", e)
+                self._disk_full_logged = True
+            del self._pending[:-PENDING_MAX]
+            return None
 
     @property
     def pending(self) -> int:
@@ -602,19 +620,16 @@ class Store:
 
     def flush(self, *, samples: bool = True) -> None:
         """Commit what is held in memory, request rows and (unless told not to) samples, in one transaction."""
-        with self._lock:
+        with self._lock:  # taken and written in one hold: no other writer may slip between (their ids are given)
             rows = self._take_held()
             held: list[dict[str, Any]] = []
             if samples:
                 held, self._held_samples = self._held_samples, []
-        rows += [("samples", r) for r in held]
-        if rows:
-            self._write(rows[0][0], rows[0][1], rows[1:])
-        if held:
+            rows += [("samples", r) for r in held]
             before, self._samples_written = self._samples_written, self._samples_written + len(held)
-            if before // SAMPLES_PRUNE_EVERY != self._samples_written // SAMPLES_PRUNE_EVERY:
-                with self._lock:  # the connection is shared: no other thread's transaction may be open meanwhile
-                    self._retain({"samples": self.keep_samples})
+            prune = before // SAMPLES_PRUNE_EVERY != self._samples_written // SAMPLES_PRUNE_EVERY
+            if rows:
+                self._write_locked(rows[0][0], rows[0][1], rows[1:], {"samples": self.keep_samples} if prune else None)
 
     def record_voice(self, row: dict[str, Any]) -> None:
         self._write("voice", {"start_id": self.start_id or None, **row})
