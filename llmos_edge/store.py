@@ -738,7 +738,7 @@ class Store:
     def last_request_id(self) -> int:
         with self._lock:
             committed = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
-        return max([committed] + [r["id"] for r in self.held("requests")])
+        return max([committed] + [int(r["id"]) for r in self.held("requests")])
 
     def integrity_ok(self) -> bool:
         with self._lock:
