@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +150,8 @@ class Memory:
         self.recall_tokens = recall_tokens
         self.prune_every = prune_every
         self._unpruned = 0  # turns handed out since the limits were last applied
+        # Whether the running model takes a conversation (the supervisor sets it): when not, nothing is stored.
+        self.model_takes: Callable[[], bool] = lambda: True
 
     def turn_row(self, source: str, question: str, answer: str, request_id: int = 0) -> tuple[str, dict[str, Any]]:
         """A turn as a row of `turns`, for the caller to write with the request's own row (Store.record_request)."""
@@ -257,6 +260,11 @@ class Memory:
         held = ", ".join(f"{s} {n} turns" for s, n in counts.items()) or "no turns"
         if not self.enabled:
             return f"memory: off (learning.memory is false); {held} stored from before"
+        if not self.model_takes():
+            return (
+                f"memory: {held}; the running model takes one question (no chat template), so no turn is stored "
+                "or recalled while it runs"
+            )
         return (
             f"memory: {held}; each source keeps its newest {self.keep_turns} turns for {self.keep_days:g} days; "
             f"up to {self.recall_turns} relevant ones go before a question"

@@ -108,6 +108,7 @@ class Supervisor:
             max_threads=c.model.threads or default_threads(),
         )
         self.keeper = Keeper(c, self.engine, self.store, self.models, self.governor, self.stopping)
+        self.memory.model_takes = self._takes_conversations  # turns only for a model that can be given them
         self.readiness = Readiness(
             self.keeper,
             self.governor,
@@ -273,7 +274,7 @@ class Supervisor:
         flash about 2.8 kB even committed in batches (its row, its FTS5 index: measured on ext4)."""
         if (
             self.memory.enabled
-            and self._takes_conversations()
+            and self.memory.model_takes()
             and req.source in SOURCES
             and not req.raw
             and result.outcome == "ok"  # a blank answer too: what the person said may matter later
