@@ -1,12 +1,13 @@
-"""`make bench-wear` (issue 14, point 5): the bytes the appliance writes to its card, idle and per request.
+"""`make bench-wear` (issue 14, point 5): the bytes the appliance writes to its card in an hour at one request a minute.
 
-The image boots in QEMU (image/vm.py) from a fresh copy; a minute after READY (the first boot's own work done),
-QEMU's count of the bytes the guest wrote to its disks (QMP `query-blockstats`, `wr_bytes`: what a card would
-receive; root is read-only and the ESP unmounted, so it is var) is read, then again after IDLE_S seconds of nothing,
-then after REQUESTS questions asked over the serial console one every SPACING_S seconds. Idle rate = the idle
-interval's bytes per hour; a request = the busy interval's bytes less the idle rate over it, per request; a day at
-one request a minute = 24 idle hours + 1440 requests. The device's own `/status` `flash:` line (wear.py, from the
-guest kernel's counters) is shown beside it. Target: at most 5 MB a day.
+The image boots in QEMU (image/vm.py) from a fresh copy with its own configuration. A minute after READY (the
+first boot's own work done), QEMU's count of the bytes the guest wrote to its disks (QMP `query-blockstats`,
+`wr_bytes`: what a card would receive; root is read-only and the ESP unmounted, so it is var) is read; then a
+question is asked over the serial console every SPACING_S seconds for WINDOW_S seconds, and the count is read again.
+The image commits request rows and samples an hour at a time (database.request_flush and sample_flush, 3600 s; each
+answer goes at once to the request ring): a window shorter than an hour would miss the commit it owes, so the window
+is an hour and holds one of each, and a day at one request a minute is 24 such windows. The device's own `/status`
+`flash:` line (wear.py, from the guest kernel's counters) is shown beside it. Target: at most 5 MB a day.
 
   bench/wear.py --image build/image/llmos-edge.raw [--write]
 """
@@ -29,12 +30,11 @@ import vm as vmlib  # noqa: E402
 from conftest import boot, card  # noqa: E402
 
 from bench.report import begin  # noqa: E402
-from llmos_edge.wear import REQUESTS_A_DAY, TARGET_DAY_BYTES, size  # noqa: E402
+from llmos_edge.wear import TARGET_DAY_BYTES, size  # noqa: E402
 
 SETTLE_S = 60  # after READY, before the first reading: the first boot's own writes (var grown, the journal flushed)
-IDLE_S = 1200
-REQUESTS = 30
-SPACING_S = 20
+WINDOW_S = 3600  # one commit period of the image's configuration (see the docstring)
+SPACING_S = 60  # one request a minute: the target's rate
 QUESTIONS = ["what model is this", "reverse lantern", "how hot are you", "ping", "what can you do"]
 
 
@@ -58,31 +58,27 @@ def main() -> int:
     try:
         time.sleep(SETTLE_S)
         w0, t0 = written(b.vm), time.monotonic()
-        print(f"idle for {IDLE_S} s...", flush=True)
-        time.sleep(IDLE_S)
+        print(f"a question every {SPACING_S} s for {WINDOW_S} s...", flush=True)
+        asked = 0
+        while time.monotonic() - t0 < WINDOW_S:
+            b.console.ask(QUESTIONS[asked % len(QUESTIONS)], timeout=300)
+            asked += 1
+            time.sleep(max(0.0, t0 + asked * SPACING_S - time.monotonic()))
         w1, t1 = written(b.vm), time.monotonic()
-        for i in range(REQUESTS):
-            due = t1 + (i + 1) * SPACING_S
-            b.console.ask(QUESTIONS[i % len(QUESTIONS)], timeout=300)
-            time.sleep(max(0.0, due - time.monotonic()))
-        w2, t2 = written(b.vm), time.monotonic()
         flash = re.search(r"^flash: .*$", b.console.ask("/status", timeout=120), re.M)
         b.shutdown()
     finally:
         b.vm.close()
-    idle_h = (w1 - w0) / (t1 - t0) * 3600
-    per_request = max(0.0, (w2 - w1) - idle_h / 3600 * (t2 - t1)) / REQUESTS
-    day = idle_h * 24 + per_request * REQUESTS_A_DAY
+    day = (w1 - w0) / (t1 - t0) * 86400
     body = "\n".join(
         [
-            f"The image booted in QEMU (TCG) from a fresh copy; QEMU's `wr_bytes` of the guest's disks {SETTLE_S} s "
-            f"after READY, after {IDLE_S} s idle, and after {REQUESTS} questions one every {SPACING_S} s "
-            f"({t2 - t1:.0f} s).",
+            f"The image booted in QEMU (TCG) from a fresh copy, its own configuration (request rows and samples "
+            f"committed hourly, each answer written at once to the request ring); QEMU's `wr_bytes` of the guest's "
+            f"disks {SETTLE_S} s after READY and after {t1 - t0:.0f} s of one question every {SPACING_S} s "
+            f"({asked} questions).",
             "",
-            f"- idle: {size(w1 - w0)} in {t1 - t0:.0f} s = **{size(idle_h)} an hour**",
-            f"- busy: {size(w2 - w1)} in {t2 - t1:.0f} s = **{size(per_request)} a request** beyond the idle rate",
-            f"- a day at one request a minute: {size(idle_h)} x 24 + {size(per_request)} x {REQUESTS_A_DAY} = "
-            f"**{size(day)}**",
+            f"- written in the window: {size(w1 - w0)} = **{size((w1 - w0) / asked)} a request**, idle writes included",
+            f"- a day at one request a minute: **{size(day)}**",
             f"- the device's own `/status` at the end: `{flash.group(0) if flash else 'no flash line'}`",
         ]
     )

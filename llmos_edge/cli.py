@@ -130,7 +130,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from llmos_edge.store import open_readonly
+    from llmos_edge.store import open_readonly, uncommitted
     from llmos_edge.supervisor import format_request
 
     db_path = args.db or _with_overrides(load_layers(args.config), args).config.database.path
@@ -139,6 +139,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not db[table].exists():
         raise UserError(f"{db_path} holds no {table} table", "is this an llmos-edge database?")
     rows = list(db[table].rows_where(order_by="id desc", limit=args.n))[::-1]
+    if table == "requests":  # with database.request_flush, the newest rows may still be in the request ring only
+        rows = (rows + uncommitted(db, db_path, table))[-args.n :] if args.n else rows
     if args.json:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False))

@@ -12,8 +12,8 @@ always fits, whatever the model.
 
 Only a model with a chat template is given recalled turns. Models that take one question (the default model's
 `llmos.prompt_template`) were trained without a conversation before it, and a model with no template at all would get
-the turns as raw lines: for them nothing is recalled (the supervisor decides). Their turns are still stored, ready for
-a model that can use them.
+the turns as raw lines: for them nothing is recalled, and no turn is stored either (the supervisor decides): a turn
+nothing can recall would only wear the flash (about 2.8 kB a turn, index included, even in batches).
 
 A turn is written in the same commit as its request's row (`turn_row`, through the scheduler): an answer costs the
 flash one fsync, not two. Retention, at most `learning.keep_turns` turns per source and none older than
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +150,8 @@ class Memory:
         self.recall_tokens = recall_tokens
         self.prune_every = prune_every
         self._unpruned = 0  # turns handed out since the limits were last applied
+        # Whether the running model takes a conversation (the supervisor sets it): when not, nothing is stored.
+        self.model_takes: Callable[[], bool] = lambda: True
 
     def turn_row(self, source: str, question: str, answer: str, request_id: int = 0) -> tuple[str, dict[str, Any]]:
         """A turn as a row of `turns`, for the caller to write with the request's own row (Store.record_request)."""
@@ -203,8 +206,16 @@ class Memory:
             return []
         match = " OR ".join(f'"{t}"' for t in terms)
         since = time.time() - self.keep_days * 86400
-        with self.store.locked() as db:
-            rows = db.execute(
+        # Turns still held for the next batch commit (store.py's request ring) are not in the FTS5 index yet: those
+        # sharing a word with the question come first, newest first (they are the last hour's), then the index's.
+        wanted = set(terms)
+        rows = [
+            (t["id"], t["source"], t["at"], t["question"], t["answer"])
+            for t in reversed(self.store.held("turns"))
+            if t["source"] == source and wanted & set(query_terms(f"{t['question']} {t['answer']}"))
+        ]
+        with self.store.locked(fresh=False) as db:
+            rows += db.execute(
                 "SELECT t.id, t.source, t.at, t.question, t.answer FROM turns_fts JOIN turns t "
                 "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ? AND t.source = ? AND t.at >= ? "
                 "ORDER BY bm25(turns_fts), t.id DESC LIMIT 50",
@@ -249,12 +260,20 @@ class Memory:
         held = ", ".join(f"{s} {n} turns" for s, n in counts.items()) or "no turns"
         if not self.enabled:
             return f"memory: off (learning.memory is false); {held} stored from before"
+        if not self.model_takes():
+            return (
+                f"memory: {held}; the running model takes one question (no chat template), so no turn is stored "
+                "or recalled while it runs"
+            )
         return (
             f"memory: {held}; each source keeps its newest {self.keep_turns} turns for {self.keep_days:g} days; "
             f"up to {self.recall_turns} relevant ones go before a question"
         )
 
     def counts(self) -> dict[str, int]:
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:
             rows = db.execute("SELECT source, COUNT(*) FROM turns GROUP BY source ORDER BY source").fetchall()
-        return {str(s): int(n) for s, n in rows}
+        counts = {str(s): int(n) for s, n in rows}
+        for t in self.store.held("turns"):
+            counts[t["source"]] = counts.get(t["source"], 0) + 1
+        return dict(sorted(counts.items()))

@@ -90,6 +90,7 @@ class Status:
     database: str = ""
     database_pending: int = 0
     database_degraded: str = ""
+    database_ring: str = ""  # the request ring's state (store.py), when request rows are committed in batches
     learning: str = ""  # taught pairs and conversation memory, in a line (learning.py, memory.py)
     flash: str = ""  # bytes written to the database's partition (wear.py), in a line
 
@@ -157,6 +158,7 @@ def lines(s: Status) -> list[str]:
         f"database: {s.database}"
         + (f" ({s.database_pending} rows waiting for disk space)" if s.database_pending else "")
         + (f" (degraded: {s.database_degraded})" if s.database_degraded else "")
+        + (f"; {s.database_ring}" if s.database_ring else "")
     )
     if s.flash:
         out.append(s.flash)

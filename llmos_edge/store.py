@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -25,11 +26,13 @@ from typing import Any
 import sqlite_utils
 
 from llmos_edge.errors import UserError
+from llmos_edge.ring import Ring, RingUnavailable, Rows, encode, read_records
 
 log = logging.getLogger(__name__)
 
 PENDING_MAX = 10000  # rows held in memory while the disk is full
 SAMPLES_PRUNE_EVERY = 100  # samples written between two prunings of the samples table (one DELETE by primary key)
+HELD_MAX = 2000  # request rows held for the next commit (with request_flush): committed at this count whatever the time
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -216,6 +219,15 @@ def _v7_consolidation(db: sqlite_utils.Database) -> None:
     db.table("taught").add_column("consolidated", int)
 
 
+def _v8_ring(db: sqlite_utils.Database) -> None:
+    """The request ring (ring.py): this database's epoch, which ring records belong to it (a database moved aside or
+    deleted must not take another's records), and the newest record it has taken."""
+    db.execute(
+        "CREATE TABLE ring (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, applied INTEGER NOT NULL)"
+    )
+    db.execute("INSERT INTO ring VALUES (1, ?, 0)", [secrets.randbits(62)])
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -225,7 +237,15 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v5_samples,
     _v6_learning,
     _v7_consolidation,
+    _v8_ring,
 ]
+
+
+def _prune(db: sqlite_utils.Database, keep: dict[str, int]) -> None:
+    """Delete all but the newest `keep[table]` rows of each table (ids grow with time), inside the caller's
+    transaction."""
+    for table, n in keep.items():
+        db.execute(f"DELETE FROM [{table}] WHERE id <= (SELECT MAX(id) FROM [{table}]) - ?", [n])
 
 
 @contextlib.contextmanager
@@ -272,6 +292,7 @@ class Store:
         keep_voice: int = 100000,
         keep_samples: int = 8640,
         samples_per_commit: int = 1,
+        request_flush: float = 0.0,
         lock_timeout: float = 10.0,
     ) -> None:
         self.path = Path(path)
@@ -289,9 +310,22 @@ class Store:
         # would write about 125 MB a day to an idle device. A power cut loses the samples still held: a gap in a plot.
         self.samples_per_commit = max(1, samples_per_commit)
         self._held_samples: list[dict[str, Any]] = []
+        # Request rows (with their turns) held for one commit every `request_flush` seconds, each made durable at once
+        # in the request ring (ring.py); 0: each request committed on its own, no ring.
+        self.request_flush = request_flush
+        self.ring: Ring | None = None
+        self.ring_off = ""  # why request rows are committed one by one although request_flush asks for batches
+        self.replayed = 0  # ring records taken into the database at open: rows a power cut left uncommitted
+        self._held: Rows = []
+        self._held_since = 0.0  # time.monotonic() of the oldest held row
+        self._held_seq = 0  # the ring record of the newest held row
+        self._ring_mark = 0  # ring.written_bytes at the last commit of held rows
+        self._ids: dict[str, int] = {}  # the last id given to a held row of each table
         self.db = self._open()
         try:
             self._migrate()
+            if request_flush > 0:
+                self._open_ring()
             self._retain(
                 {"requests": keep_requests, "events": keep_events, "voice": keep_voice, "samples": keep_samples}
             )
@@ -400,12 +434,32 @@ class Store:
                 MIGRATIONS[version](self.db)
                 self.db.execute(f"PRAGMA user_version={version + 1}")
 
+    def _open_ring(self) -> None:
+        """Open the request ring beside the database and take into the database the records it has not taken yet
+        (the rows of requests answered before a power cut or a kill, since the last commit)."""
+        epoch, applied = self.db.execute("SELECT epoch, applied FROM ring WHERE id = 1").fetchone()
+        try:
+            self.ring = Ring(self.path.with_name(self.path.name + ".ring"), int(epoch))
+            records = [r for r in self.ring.scan() if r.seq > applied]
+        except (RingUnavailable, OSError) as e:
+            self.ring = None
+            self.ring_off = f"no request ring ({e}): each request is committed on its own"
+            log.warning("%s", self.ring_off)
+            return
+        if records:
+            rows = [row for rec in records for row in rec.rows]
+            with transaction(self.db):
+                for t, r in rows:
+                    self.db.table(t).insert(r, replace=True)
+                self.db.execute("UPDATE ring SET applied = ? WHERE id = 1", [records[-1].seq])
+            self.replayed = len(records)
+            log.warning("took %d request records from the ring into the database (an unclean stop)", len(records))
+
     def _retain(self, keep: dict[str, int]) -> None:
         """Delete all but the newest `keep[table]` rows of each table, at start (ids grow with time)."""
         try:
             with transaction(self.db):
-                for table, n in keep.items():
-                    self.db.execute(f"DELETE FROM [{table}] WHERE id <= (SELECT MAX(id) FROM [{table}]) - ?", [n])
+                _prune(self.db, keep)
         except sqlite3.OperationalError as e:
             if not _disk_trouble(e):
                 raise
@@ -417,28 +471,40 @@ class Store:
         """Insert (or upsert by id) a row, and the rows `also` names after it in the same transaction (one commit,
         one fsync, however many tables); on a full disk keep them for the next write. Returns the first row's id."""
         with self._lock:
-            first = len(self._pending)
-            self._pending.append((table, row))
-            self._pending.extend(also)
-            try:
-                ids: list[Any] = []
-                # One transaction: on failure none of the batch is committed, and all of it stays pending.
-                with transaction(self.db):
-                    for t, r in self._pending:
-                        ids.append(self.db.table(t).insert(r, replace=True).last_pk)
-                self._pending.clear()
-                self._disk_full_logged = False
-                return int(ids[first]) if ids[first] is not None else None
-            except sqlite3.OperationalError as e:
-                if not _disk_trouble(e):
-                    # not a disk that will recover: keeping these rows would fail every later write
-                    del self._pending[first:]
-                    raise
-                if not self._disk_full_logged:
-                    log.error("database write failed (%s); keeping rows in memory until there is room", e)
-                    self._disk_full_logged = True
-                del self._pending[:-PENDING_MAX]
-                return None
+            return self._write_locked(table, row, also)
+
+    def _write_locked(
+        self,
+        table: str,
+        row: dict[str, Any],
+        also: Sequence[tuple[str, dict[str, Any]]],
+        keep: dict[str, int] | None = None,
+    ) -> int | None:
+        """_write, for a caller that holds the lock; `keep` prunes those tables to that many rows in the same
+        commit (a prune of its own would cost the flash a second commit)."""
+        first = len(self._pending)
+        self._pending.append((table, row))
+        self._pending.extend(also)
+        try:
+            ids: list[Any] = []
+            # One transaction: on failure none of the batch is committed, and all of it stays pending.
+            with transaction(self.db):
+                for t, r in self._pending:
+                    ids.append(self.db.table(t).insert(r, replace=True).last_pk)
+                _prune(self.db, keep or {})
+            self._pending.clear()
+            self._disk_full_logged = False
+            return int(ids[first]) if ids[first] is not None else None
+        except sqlite3.OperationalError as e:
+            if not _disk_trouble(e):
+                # not a disk that will recover: keeping these rows would fail every later write
+                del self._pending[first:]
+                raise
+            if not self._disk_full_logged:
+                log.error("database write failed (%s); keeping rows in memory until there is room", e)
+                self._disk_full_logged = True
+            del self._pending[:-PENDING_MAX]
+            return None
 
     @property
     def pending(self) -> int:
@@ -482,8 +548,88 @@ class Store:
         )
 
     def record_request(self, row: dict[str, Any], also: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
-        """A finished request's row, with the rows that belong to it (its conversation turn): one commit."""
-        self._write("requests", {"start_id": self.start_id or None, **row}, also)
+        """A finished request's row, with the rows that belong to it (its conversation turn): one commit, or, with
+        the ring, one durable ring record now and a place in the next batch commit."""
+        first = {"start_id": self.start_id or None, **row}
+        if self.ring is None:
+            self._write("requests", first, also)
+            return
+        rows: Rows = [("requests", first), *((t, dict(r)) for t, r in also)]
+        with self._lock:
+            for t, r in rows:
+                if r.get("id") is None:  # ids given now, so a replayed record is the same row (insert or replace)
+                    r["id"] = self._ids[t] = self._next_id(t)
+            payload = encode(rows)
+            try:
+                if not self.ring.fits(payload):
+                    raise OSError(f"a record of {len(payload)} bytes is too large for the ring")
+                seq = self.ring.append(payload)
+            except OSError as e:
+                log.error("request ring: %s; committing this request on its own", e)
+                seq = 0
+            if seq:
+                self._held.extend(rows)
+                self._held_seq = seq
+                self._held_since = self._held_since or time.monotonic()
+        if not seq:
+            self._write(rows[0][0], rows[0][1], rows[1:])
+        elif self._commit_due():
+            self.flush()
+
+    def _next_id(self, table: str) -> int:
+        """The id after the newest of `table`, committed or held. Caller holds the lock."""
+        if table not in self._ids:
+            self._ids[table] = int(self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM [{table}]").fetchone()[0])
+        return self._ids[table] + 1
+
+    def _commit_due(self) -> bool:
+        if not self._held:
+            return False
+        assert self.ring is not None
+        return (
+            time.monotonic() - self._held_since >= self.request_flush
+            or len(self._held) >= HELD_MAX
+            # records past a quarter of the ring since the last commit: commit before the ring could wrap onto them
+            or self.ring.written_bytes - self._ring_mark >= self.ring.size // 4
+        )
+
+    def _take_held(self) -> Rows:
+        """The held request rows and the ring's progress row, to commit together. Caller holds the lock."""
+        if not self._held or self.ring is None:
+            return []
+        rows, self._held = self._held, []
+        self._held_since = 0.0
+        self._ring_mark = self.ring.written_bytes
+        rows.append(("ring", {"id": 1, "epoch": self.ring.epoch, "applied": self._held_seq}))
+        return rows
+
+    def ring_line(self) -> str:
+        """For /status: where request rows wait for their commit."""
+        if self.request_flush <= 0:
+            return ""
+        if self.ring is None:
+            return self.ring_off
+        with self._lock:
+            n = sum(1 for t, _ in self._held if t == "requests")
+        return f"ring: {n} requests held, committed every {self.request_flush:g} s"
+
+    def held(self, table: str) -> list[dict[str, Any]]:
+        """Rows of `table` in the ring and not yet committed (with their ids): readers add them to what they read."""
+        with self._lock:
+            return [dict(r) for t, r in self._held if t == table]
+
+    def flush(self, *, samples: bool = True) -> None:
+        """Commit what is held in memory, request rows and (unless told not to) samples, in one transaction."""
+        with self._lock:  # taken and written in one hold: no other writer may slip between (their ids are given)
+            rows = self._take_held()
+            held: list[dict[str, Any]] = []
+            if samples:
+                held, self._held_samples = self._held_samples, []
+            rows += [("samples", r) for r in held]
+            before, self._samples_written = self._samples_written, self._samples_written + len(held)
+            prune = before // SAMPLES_PRUNE_EVERY != self._samples_written // SAMPLES_PRUNE_EVERY
+            if rows:
+                self._write_locked(rows[0][0], rows[0][1], rows[1:], {"samples": self.keep_samples} if prune else None)
 
     def record_voice(self, row: dict[str, Any]) -> None:
         self._write("voice", {"start_id": self.start_id or None, **row})
@@ -494,21 +640,9 @@ class Store:
         They are held and committed `samples_per_commit` at a time (see __init__)."""
         with self._lock:
             self._held_samples.append({"start_id": self.start_id or None, **row})
-            if len(self._held_samples) < self.samples_per_commit:
-                return
-        self.flush_samples()
-
-    def flush_samples(self) -> None:
-        """Commit the samples held in memory (at their count, and at close)."""
-        with self._lock:
-            held, self._held_samples = self._held_samples, []
-        if not held:
-            return
-        self._write("samples", held[0], [("samples", r) for r in held[1:]])
-        before, self._samples_written = self._samples_written, self._samples_written + len(held)
-        if before // SAMPLES_PRUNE_EVERY != self._samples_written // SAMPLES_PRUNE_EVERY:
-            with self._lock:  # the connection is shared: no other thread's transaction may be open meanwhile
-                self._retain({"samples": self.keep_samples})
+            due = len(self._held_samples) >= self.samples_per_commit or self._commit_due()
+        if due:  # held request rows go in the same commit; the sampler's tick is also their clock
+            self.flush()
 
     # -- the model registry (model_store.py) ---------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
@@ -531,14 +665,21 @@ class Store:
 
     # -- taught pairs and conversation memory (learning.py, memory.py) ---------------------------------------
     @contextlib.contextmanager
-    def locked(self, *, write: bool = False) -> Iterator[sqlite_utils.Database]:
+    def locked(self, *, write: bool = False, fresh: bool = True) -> Iterator[sqlite_utils.Database]:
         """The database for a few statements of another module, with no other thread's in between; `write`: inside
         one transaction. Unlike request rows, these writes are not held back on a full disk: a person who taught
-        the device something must hear at once that it was not kept."""
+        the device something must hear at once that it was not kept. `fresh`: commit the held request rows first,
+        as a caller that reads or writes among them (turns, by their ids) needs; a caller that only counts passes
+        False and adds `held()` itself, so a status page that polls does not commit on every poll."""
+        if fresh:
+            self.flush(samples=False)
         with self._lock:
             if write:
-                with transaction(self.db):
-                    yield self.db
+                try:
+                    with transaction(self.db):
+                        yield self.db
+                finally:
+                    self._ids.clear()  # the caller may have inserted rows: ask the database for the next ids again
             else:
                 yield self.db
 
@@ -546,7 +687,7 @@ class Store:
     def recent_requests(self, n: int = 10) -> list[dict[str, Any]]:
         with self._lock:
             rows = list(self.db["requests"].rows_where(order_by="id desc", limit=n))
-        return rows[::-1]
+        return (rows[::-1] + self.held("requests"))[-n:]
 
     def recent_events(self, n: int = 10, kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         """The newest `n` events, oldest first; only those of the given kinds when `kinds` names some."""
@@ -578,11 +719,26 @@ class Store:
                 "FROM requests WHERE id > ?",
                 [after_id],
             ).fetchone()
-        return int(row[0] or after_id), int(row[1] or 0), int(row[2] or 0), float(row[3] or 0.0), int(row[4])
+        newest, tokens, decoded, seconds, n = (
+            int(row[0] or after_id),
+            int(row[1] or 0),
+            int(row[2] or 0),
+            float(row[3] or 0.0),
+            int(row[4]),
+        )
+        for r in self.held("requests"):
+            if r["id"] > after_id:
+                out = int(r.get("tokens_out") or 0)
+                tok_s = float(r.get("tok_s") or 0.0)
+                newest, tokens, n = max(newest, r["id"]), tokens + out, n + 1
+                if tok_s > 0 and out > 1:
+                    decoded, seconds = decoded + out - 1, seconds + (out - 1) / tok_s
+        return newest, tokens, decoded, seconds, n
 
     def last_request_id(self) -> int:
         with self._lock:
-            return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
+            committed = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
+        return max([committed] + [int(r["id"]) for r in self.held("requests")])
 
     def integrity_ok(self) -> bool:
         with self._lock:
@@ -590,10 +746,12 @@ class Store:
 
     def close(self) -> None:
         try:
-            self.flush_samples()
+            self.flush()
         except sqlite3.Error as e:
-            log.warning("could not write the held samples at close: %s", e)
+            log.warning("could not write the held samples and request rows at close: %s", e)
         with self._lock:
+            if self.ring is not None:
+                self.ring.close()
             try:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as e:
@@ -608,3 +766,16 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite_utils.Database:
         raise UserError(f"no database at {p}", "run `llmos run` first, or pass --db PATH")
     conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     return sqlite_utils.Database(conn)
+
+
+def uncommitted(db: sqlite_utils.Database, path: str | os.PathLike[str], table: str) -> list[dict[str, Any]]:
+    """For `llmos logs`: rows of `table` that a running (or cut off) supervisor has in its request ring and not yet
+    in the database, oldest first."""
+    ring = Path(str(path) + ".ring")
+    if not db["ring"].exists() or not ring.exists():
+        return []
+    epoch, applied = db.execute("SELECT epoch, applied FROM ring WHERE id = 1").fetchone()
+    committed = int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM [{table}]").fetchone()[0])
+    rows = [r for rec in read_records(ring, int(epoch), int(applied)) for t, r in rec.rows if t == table]
+    # a commit may land between the two reads: a row both committed and in the ring is shown once
+    return [r for r in rows if int(r.get("id") or 0) > committed]

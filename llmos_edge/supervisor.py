@@ -73,6 +73,7 @@ class Supervisor:
             keep_voice=c.database.keep_voice,
             keep_samples=c.database.keep_samples,
             samples_per_commit=round(c.database.sample_flush / c.database.sample_interval),
+            request_flush=c.database.request_flush,
         )
         # learning (issue 15): taught pairs and conversation memory, both in the database
         self.teaching = Teaching(self.store, c.learning.max_pairs, c.learning.teach)
@@ -107,6 +108,7 @@ class Supervisor:
             max_threads=c.model.threads or default_threads(),
         )
         self.keeper = Keeper(c, self.engine, self.store, self.models, self.governor, self.stopping)
+        self.memory.model_takes = self._takes_conversations  # turns only for a model that can be given them
         self.readiness = Readiness(
             self.keeper,
             self.governor,
@@ -267,9 +269,12 @@ class Supervisor:
         return bool(meta.get("tokenizer.chat_template")) and not meta.get("llmos.prompt_template")
 
     def _turn_of(self, req: Request, result: Result) -> list[tuple[str, dict[str, Any]]]:
-        """The conversation turn a finished request makes, written with its request row (one commit)."""
+        """The conversation turn a finished request makes, written with its request row (one commit). Only while the
+        running model takes conversations: another model could never be given the turn, and a stored turn costs the
+        flash about 2.8 kB even committed in batches (its row, its FTS5 index: measured on ext4)."""
         if (
             self.memory.enabled
+            and self.memory.model_takes()
             and req.source in SOURCES
             and not req.raw
             and result.outcome == "ok"  # a blank answer too: what the person said may matter later
@@ -327,6 +332,7 @@ class Supervisor:
             database=str(self.store.path),
             database_pending=self.store.pending,
             database_degraded=self.store.degraded,
+            database_ring=self.store.ring_line(),
             learning=self._learning_line(),
             flash=self.wear.line(),
         )
@@ -413,6 +419,12 @@ class Supervisor:
             self.store.event("config_fallback", self.loaded.fallback)
         if self.store.recovered_from:
             self.store.event("database_recovered", f"corrupt database moved to {self.store.recovered_from}")
+        if self.store.replayed:
+            self.store.event(
+                "ring_replayed",
+                f"{self.store.replayed} answered requests' rows taken from the request ring (an unclean stop)",
+                {"records": self.store.replayed},
+            )
         for message in self.recovered:
             self.store.event("model_store_recovered", message)
         self.keeper.start()

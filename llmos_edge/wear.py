@@ -21,6 +21,10 @@ SECTOR = 512
 DAY_S = 86400.0
 TARGET_DAY_BYTES = 5_000_000  # issue 14: at most 5 MB a day at one request a minute
 REQUESTS_A_DAY = 1440  # one a minute
+# Intervals this soon after the start are counted in the total only: a boot's own writes (the journal flushed to
+# /var, the database opened and pruned, the first model check) would otherwise pass for the idle rate of a device
+# that has been up for hours (20 to 30 MB an hour in the first minutes under QEMU).
+SETTLE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,17 @@ def size(n: float) -> str:
 class WearMeter:
     """Written bytes of the database's partition, split into idle and per-request (see the module's docstring)."""
 
-    def __init__(self, path: str | Path, *, proc_root: str | Path = "/proc", sys_root: str | Path = "/sys") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        proc_root: str | Path = "/proc",
+        sys_root: str | Path = "/sys",
+        settle_s: float = SETTLE_S,
+    ) -> None:
         self.sys_root = sys_root
+        self.settle_s = settle_s
+        self.elapsed = 0.0  # seconds of ticks so far
         self.device = device_of(path, proc_root, sys_root)
         self._lock = threading.Lock()
         self.first = self._read()
@@ -105,6 +118,9 @@ class WearMeter:
                 self._last = now
                 return
             delta, self._last = max(0, now - self._last), now
+            self.elapsed += seconds
+            if self.elapsed <= self.settle_s:
+                return
             if requests:
                 self.busy_bytes += delta
                 self.busy_s += seconds

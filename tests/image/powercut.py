@@ -121,6 +121,11 @@ class Cuts:
         missing = [p for p in self.answered if p not in prompts]
         if missing:
             found.append(f"requests answered before a cut are gone: {missing}")
+        # The image commits request rows an hour at a time (database.request_flush): an answer before a cut is kept
+        # by the request ring alone, and the boot after the cut takes it into the database. Show that it did.
+        replayed = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'ring_replayed'").fetchone()[0]
+        if self.answered and not replayed:
+            found.append("answers came before cuts, yet no boot took request rows from the request ring")
         # No install left half done: the last boot's recovery removed what a cut left, and what is registered is
         # whole (the built-in model, on the read-only root, has no sha256).
         rows = db.execute("SELECT path, sha256, state FROM models WHERE state != 'removed' AND sha256 != ''")

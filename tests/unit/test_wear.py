@@ -73,3 +73,15 @@ def test_without_a_block_device_the_line_says_so(tmp_path: Path) -> None:
     m = WearMeter("/tmp", proc_root=proc, sys_root=sys)
     m.tick(10, 1)  # nothing to read: no failure
     assert m.line() == "flash: no block device under the database (nothing to count)"
+
+
+def test_the_boots_own_writes_are_not_taken_for_the_idle_rate(tmp_path: Path) -> None:
+    proc, sys = fake_machine(tmp_path, 0)
+    m = WearMeter("/var/lib/llmos", proc_root=proc, sys_root=sys)
+    written = 0
+    for tick in range(24):  # 12 ticks of 10 s settling (a burst of 40000 sectors in the first), then 12 quiet ones
+        written += (40000 if tick == 0 else 0) + 10
+        set_sectors(sys, written)
+        m.tick(10, 0)
+    assert m.idle_per_hour() == 10 * 512 * 360  # the quiet ticks' rate, not the boot's 20 MB
+    assert "20.6 MB written to /var/lib/llmos (vda3) since start" in m.line(), m.line()
