@@ -65,6 +65,7 @@ class Settings:
     check_every: int = 25
     seed: int = 1234
     train: tuple[str, ...] = ()  # substrings of the tensor names that train (empty: all)
+    adam_eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def fine_tune(
     window = min(shape.n_ctx, max(s.window, longest)) + 1  # +1: inputs and shifted targets
     stream = mixed_stream(usable, s)
     as_taught = [Example("taught", p.question, p.answer) for p in usable]
-    opt = trainer.AdamW(lr=s.lr)
+    opt = trainer.AdamW(lr=s.lr, eps=s.adam_eps)
     t0 = time.monotonic()
     steps = s.steps if s.steps else min(s.max_steps, s.base_steps + s.steps_per_pair * len(usable))
     for step in range(steps):
