@@ -4,8 +4,9 @@ taught pairs and to a dev split, never to model/heldout.jsonl (that is make benc
 The pairs are bench/learning_pairs.py's, but not the ones the bench teaches: pairs 11-20 (the second filler of each
 question shape), or the first N of them. The dev split is drawn from the default model's own training distribution
 (recipe.TrainingStream with a seed of its own, which never yields a held-out prompt or word): FAQ phrasings and
-reversals of new random words. Each run fine-tunes the built-in Q8_0 model, quantizes the result to Q8_0 and asks it,
-through the engine's worker process, the taught questions and the dev split, beside the built-in model.
+reversals of new random words, both left out of the fine-tune's replay. Each run fine-tunes the built-in Q8_0 model,
+quantizes the result to Q8_0 and asks it, through the engine's worker process, the taught questions and the dev
+split, beside the built-in model.
 
     python bench/learning_dev.py [--pairs 10] [--set lr=1e-4 --set taught_fraction=0.25 ...]
 """
@@ -44,6 +45,17 @@ def dev_rows() -> list[dict[str, str]]:
     return rows
 
 
+class ReplayWithoutDev(TrainingStream):
+    """The replay stream with the dev split left out as well (as the held-out set is), so that the dev split
+    measures what the model keeps of its own training, not what the replay teaches it again."""
+
+    def __init__(self, seed: int = 0, reverse_fraction: float = 0.6, bare_fraction: float = 0.0) -> None:
+        super().__init__(seed, reverse_fraction, bare_fraction)
+        rows = dev_rows()
+        self.heldout_faq_lower |= {r["prompt"].lower() for r in rows if r["task"] == "faq"}
+        self.heldout_words |= {r["prompt"].split(" ", 1)[1] for r in rows if r["task"] == "reverse"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=10, help="how many of the dev pairs (bench pairs 11-20) to teach")
@@ -62,6 +74,7 @@ def main() -> int:
     pairs = [finetune.TaughtPair(i + 1, q, ans) for i, (q, ans) in enumerate(chosen)]
     load_cpu_backend()
     rows = dev_rows()
+    finetune.TrainingStream = ReplayWithoutDev  # type: ignore[misc]  # what finetune.mixed_stream replays
     with tempfile.TemporaryDirectory(prefix="learning-dev-") as tmp:
         out = Path(tmp) / "taught.gguf"
         t0 = time.monotonic()
