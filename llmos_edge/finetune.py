@@ -14,7 +14,6 @@ every taught question (exact answers required) and the held-out set (model/heldo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -54,17 +53,7 @@ class Settings:
     # gradient or noise; at 1e-3, 100 steps of the model's own data alone cost 31 of its 240 held-out FAQ answers.
     lr: float = 2e-4
     warmup: int = 5
-    # The share of taught examples: this much a pair, between the bounds (10 pairs: 0.25; 20 or more: 0.5), the rest
-    # replay. With few pairs a taught half repeated each pair many times a step, pulling the weights away from the
-    # original data for nothing: 10 pairs at 0.5 lost 1.1 held-out points (the bar is 1). Each pair now comes about
-    # 1.2 times a step (a batch holds about 48 examples) from 4 pairs up. Tuned on bench pairs 11-20 and a dev split
-    # of the training distribution left out of the replay (bench/learning_dev.py), never on the held-out set:
-    # 0.25 kept 2 more of 440 dev answers than 0.5 (427 vs 425, teacher-forced f32), all pairs learnt. Earlier runs
-    # with the dev split replayed: 0.15 and 0.1 left 1 and 3 of the 10 pairs unlearnt in 300 steps, and fewer steps
-    # (150 at 0.5) cost more dev answers, not fewer (-6.8 points against -3.2).
-    taught_fraction: float = 0.5  # at most
-    taught_per_pair: float = 0.025
-    min_taught_fraction: float = 0.1
+    taught_fraction: float = 0.5
     # Of taught examples, the question exactly as taught; the rest are its FAQ-style variants (prefixes, suffixes,
     # casings). 1.0: training on the variants cost 50-70 of the 240 held-out FAQ answers (which are exactly new
     # combinations of those prefixes and suffixes), at 2e-4 as at 1e-3. The lookup still serves the variants.
@@ -76,7 +65,6 @@ class Settings:
     check_every: int = 25
     seed: int = 1234
     train: tuple[str, ...] = ()  # substrings of the tensor names that train (empty: all)
-    adam_eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -104,11 +92,6 @@ def variants(question: str) -> list[str]:
     return [question] + [
         _apply_case(p + core.lower() + s, c) for p in FAQ_PREFIXES for s in FAQ_SUFFIXES for c in CASINGS
     ]
-
-
-def taught_share(pairs: int, s: Settings) -> float:
-    """The fraction of taught examples for `pairs` pairs (Settings.taught_per_pair says why it scales)."""
-    return min(s.taught_fraction, max(s.min_taught_fraction, s.taught_per_pair * pairs))
 
 
 def mixed_stream(pairs: Sequence[TaughtPair], s: Settings) -> Iterator[Example]:
@@ -170,9 +153,9 @@ def fine_tune(
         return report
     longest = max(len(example_tokens(Example("taught", p.question, p.answer))[0]) for p in usable)
     window = min(shape.n_ctx, max(s.window, longest)) + 1  # +1: inputs and shifted targets
-    stream = mixed_stream(usable, dataclasses.replace(s, taught_fraction=taught_share(len(usable), s)))
+    stream = mixed_stream(usable, s)
     as_taught = [Example("taught", p.question, p.answer) for p in usable]
-    opt = trainer.AdamW(lr=s.lr, eps=s.adam_eps)
+    opt = trainer.AdamW(lr=s.lr)
     t0 = time.monotonic()
     steps = s.steps if s.steps else min(s.max_steps, s.base_steps + s.steps_per_pair * len(usable))
     for step in range(steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from llmos_edge.finetune import Settings, TaughtPair, _batch, mixed_stream, taught_share, variants
+from llmos_edge.finetune import Settings, TaughtPair, _batch, mixed_stream, variants
 from llmos_edge.learning import key
 from llmos_edge.recipe import BOS, EOS, Example, encode
 
@@ -27,12 +27,6 @@ def test_the_stream_mixes_taught_pairs_and_the_default_models_data() -> None:
     assert sum(e.prompt in ("what is the wifi password", "who made you") for e in taught) > 40  # as taught
     # the same seed gives the same data
     assert seen == list(itertools.islice(mixed_stream(pairs, Settings()), 400))
-
-
-def test_few_pairs_get_more_replay() -> None:
-    s = Settings()
-    shares = {n: taught_share(n, s) for n in (1, 2, 4, 10, 20, 50)}
-    assert shares == {1: 0.1, 2: 0.1, 4: 0.1, 10: 0.25, 20: 0.5, 50: 0.5}
 
 
 def test_the_loss_mask_covers_the_answer_and_eos_only() -> None:
