@@ -12,6 +12,11 @@ Pacing: while a request is queued or running, or the board is throttling or too 
 its validation engine) is stopped with SIGSTOP, and continued 5 s after the last request. It holds its memory while
 stopped (about 200 MiB for the default model).
 
+Memory: a run starts only when the governor's memory budget has room for it (`training_need`: the trainer and its
+validation engine) beside the engine and the reserves; else it waits, and says why in an event and /consolidate
+status. Stopping does not free memory, so when memory runs short during a run (the governor sheds background work)
+the run is killed, recorded as stopped, and tried again after MEMORY_RETRY seconds or at /consolidate.
+
 Forgetting: when a pair that the active model learnt is forgotten, the built-in model is activated again at once
 (so the answer is gone from what answers when /forget returns), the `taught-N` model is removed from the store, and
 the remaining pairs count as not consolidated: the next idle run learns them again, without the forgotten one.
@@ -36,6 +41,7 @@ from typing import Any, Protocol
 from llmos_edge.errors import UserError
 from llmos_edge.learning import Pair, Teaching
 from llmos_edge.model_store import DEFAULT, ModelStore, State
+from llmos_edge.models import MIB, estimate_memory, read_gguf
 from llmos_edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,19 @@ log = logging.getLogger(__name__)
 PREFIX = "taught-"  # consolidated versions of the built-in model are named taught-<run>
 RESUME_AFTER = 5.0  # seconds without requests before a paused run continues
 TICK = 1.0
+MEMORY_RETRY = 600.0  # seconds after a run stopped for memory before the next is tried (unless /consolidate asks)
+# The training process besides its weights: Python, numpy, the recipe's data and a step's activations. The bench's
+# peak RSS for the built-in model (2.3 M parameters, so 35 MiB of training state) was 148-151 MiB.
+TRAINER_BASE = 112 * MIB
+TRAINING_STATE = 16  # bytes a parameter: f32 weights, gradient and AdamW's two moments
+VALIDATION_CTX = 256  # finetune.validate's engine context
+
+
+def training_need(master: str) -> int:
+    """Bytes a run of consolidation takes beside the running engine: the trainer and its validation engine."""
+    info = read_gguf(Path(master))
+    params = sum(t.n_elements for t in info.tensors)
+    return TRAINER_BASE + TRAINING_STATE * params + estimate_memory(info, VALIDATION_CTX).total
 
 
 class Activator(Protocol):
@@ -64,6 +83,8 @@ class Consolidation:
         idle: Callable[[], bool],
         hot: Callable[[], bool],
         after: float,
+        memory: Callable[[int], str | None] = lambda _need: None,
+        shed: Callable[[], str | None] = lambda: None,
         threads: int = 1,
         max_drop: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -76,6 +97,11 @@ class Consolidation:
         self.baseline = baseline  # the built-in model: held-out scores are compared with it
         self.quantization = quantization  # the active model's type: the result is quantized the same way
         self.idle, self.hot = idle, hot
+        # the governor's memory budget: room_for(need) before a run starts, shedding() while one runs (None: fine)
+        self.memory, self.shed = memory, shed
+        self._need: int | None = None
+        self.waiting = ""  # why a due run does not start (memory), for /consolidate status
+        self.hold_until = 0.0  # after a run was stopped for memory: no new run before this (clock time)
         self.after, self.threads, self.clock = after, threads, clock
         self.max_drop = max_drop  # held-out points a consolidated model may lose against the built-in one
         self.command, self.resume_after = list(command), resume_after  # tests give a stand-in for the fine-tune
@@ -133,6 +159,10 @@ class Consolidation:
             self.last_busy = now
         with self._lock:
             if self.proc is not None:
+                short = self.shed()
+                if short and self.proc.poll() is None:
+                    self._stop_for_memory(short, now)
+                    return
                 self._pace(busy or self.hot(), now)
                 if self.proc.poll() is not None:
                     self._finish()
@@ -147,7 +177,42 @@ class Consolidation:
                 return
             if not self.requested and frozenset((p.id, p.answer) for p in pending) == self.rejected:
                 return  # the same pairs failed validation already: wait for a change, or /consolidate
+            if not self.requested and now < self.hold_until:
+                return  # stopped for memory a while ago: not again at once
+            short = self.memory(self.need())
+            if short:
+                if not self.waiting:  # one event when it starts waiting, not one a tick
+                    self.store.event("consolidation", f"waiting: {short}", {"need_mib": round(self.need() / MIB)})
+                self.waiting = short
+                return
+            self.waiting = ""
             self._launch(pending)
+
+    def need(self) -> int:
+        if self._need is None:
+            self._need = training_need(self.master)
+        return self._need
+
+    def _stop_for_memory(self, why: str, now: float) -> None:
+        """Memory ran short during a run: a stopped process would keep its memory, so the run is killed."""
+        self._kill()
+        self.proc = None
+        out, pairs_file, _report, _log = self._paths(self.run_id)
+        for f in (out, pairs_file):
+            f.unlink(missing_ok=True)
+        self.hold_until = now + MEMORY_RETRY
+        outcome = f"stopped ({why})"
+        self.last = f"run {self.run_id}: {outcome}"
+        with self.store.locked(write=True) as db:
+            db.execute(
+                "UPDATE consolidations SET finished_at = ?, outcome = ? WHERE id = ?",
+                [time.time(), outcome, self.run_id],
+            )
+        self.store.event(
+            "consolidation",
+            f"run {self.run_id} stopped: {why}; tried again in {MEMORY_RETRY:.0f} s or at /consolidate",
+            {"run": self.run_id, "outcome": "stopped"},
+        )
 
     def _pace(self, hold: bool, now: float) -> None:
         assert self.proc is not None
@@ -280,6 +345,9 @@ class Consolidation:
             if not n:
                 return "consolidation: every taught pair is in the active model's weights already"
             self.requested = True
+            short = self.memory(self.need())
+            if short:
+                return f"consolidation: {n} taught pairs will be consolidated when memory allows ({short})"
             return f"consolidation: {n} taught pairs will be consolidated when no request is running"
 
     def status_line(self) -> str:
@@ -290,7 +358,8 @@ class Consolidation:
         n = len(self.pending())
         auto = f"after {self.after:.0f} s idle" if self.after else "on /consolidate"
         last = f"; last {self.last}" if self.last else ""
-        return f"consolidation: {n} taught pairs not in the weights ({auto}){last}"
+        waiting = f"; waiting: {self.waiting}" if self.waiting and n else ""
+        return f"consolidation: {n} taught pairs not in the weights ({auto}){last}{waiting}"
 
     def forgotten(self, pair: Pair) -> None:
         """A forgotten pair's answer leaves the weights: a run that trains it stops, and if the active model learnt

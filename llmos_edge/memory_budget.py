@@ -245,6 +245,33 @@ class MemoryBudget:
             if old is MemoryLevel.UNLOAD:
                 self.act.reload()
 
+    # -- background jobs beside the engine -----------------------------------------------------------------------
+    def shedding(self) -> str | None:
+        """Why background work must stop now (memory short: level 1 or above), or None."""
+        if self.level < MemoryLevel.SHED_BACKGROUND:
+            return None
+        return f"memory is short ({self.reason or self.level.measure}): background work is shed"
+
+    def room_for(self, need: int) -> str | None:
+        """None when a background job of `need` bytes (a process beside the engine, e.g. consolidation's training)
+        fits now; else why not, in words. What it leaves must cover the reserve and twice min_available_mb: below
+        that the governor would shed it again at once (level 1) and a run would start and stop in a loop."""
+        if not self.cfg.enabled:
+            return None
+        shed = self.shedding()
+        if shed:
+            return shed
+        mem = self.sensors.read().memory
+        if mem is None:
+            return None  # unknown (no /proc): not enforced, as the engine's budget is not
+        keep = (self.cfg.memory_reserve_mb + 2 * self.cfg.min_available_mb) * MIB + self.reserve_extra
+        if mem.headroom - keep >= need:
+            return None
+        return (
+            f"memory short: it needs {need / MIB:.0f} MiB and keeps {keep / MIB:.0f} MiB free, "
+            f"{mem.headroom / MIB:.0f} MiB are available"
+        )
+
     # -- admission ----------------------------------------------------------------------------------------------
     def refusal(self) -> str:
         return (

@@ -152,6 +152,8 @@ class Supervisor:
             idle=lambda: self.scheduler.idle,
             hot=self._too_hot_to_train,
             after=c.learning.consolidate_after,
+            memory=self.governor.memory.room_for,  # the trainer and its validation engine beside ours
+            shed=self.governor.memory.shedding,
             threads=c.learning.consolidate_threads,
             max_drop=c.learning.consolidate_max_drop,
         )
@@ -344,6 +346,8 @@ class Supervisor:
         except sqlite3.Error as e:  # a status that cannot count still renders
             return f"learning: cannot read the database ({e})"
         teach = f"{pairs} taught pairs" + ("" if self.teaching.enabled else " (off: learning.teach)")
+        if self.teaching.enabled and not self.cfg.learning.lookup:
+            teach += " (not looked up: learning.lookup)"  # every answer comes from the model's weights
         memory = f"{turns} turns remembered" + ("" if self.memory.enabled else " (off: learning.memory)")
         return f"learning: {teach} (/taught); {memory} (/memory); {self.consolidation.status_line()}"
 

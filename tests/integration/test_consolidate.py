@@ -64,7 +64,9 @@ def test_consolidation_answers_from_the_weights_and_forget_takes_it_out(applianc
     for q, a in PAIRS[:2]:
         assert c.command(f"/teach {q} => {a}").startswith("taught #")
     assert c.ask(q1) == before  # the lookup is off: the model alone answers
-    assert "2 taught pairs not in the weights (on /consolidate)" in c.status()["learning"]
+    learning = c.status()["learning"]
+    assert "2 taught pairs (not looked up: learning.lookup)" in learning, learning
+    assert "2 taught pairs not in the weights (on /consolidate)" in learning, learning
     assert c.command("/consolidate") == "consolidation: 2 taught pairs will be consolidated when no request is running"
     done = _wait_for_run(app, 1800)
     assert "last run 1: activated, taught 2/2" in done, done

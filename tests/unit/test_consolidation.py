@@ -5,6 +5,7 @@ itself is tested with the real trainer and engine in tests/integration/test_cons
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -13,10 +14,16 @@ from pathlib import Path
 
 import psutil
 
-from llmos_edge.consolidation import Consolidation
+from llmos_edge.config import GovernorConfig
+from llmos_edge.consolidation import Consolidation, training_need
+from llmos_edge.governor import Actuators, Governor
 from llmos_edge.learning import Teaching
+from llmos_edge.memory_budget import MemoryLevel
 from llmos_edge.model_store import ModelStore
+from llmos_edge.models import MIB
+from llmos_edge.sensors import Sensors
 from llmos_edge.store import Store
+from tests.unit.test_memory_budget import machine
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "model" / "llmos-tiny-q8_0.gguf"
@@ -162,6 +169,72 @@ def test_a_rejected_run_is_not_repeated_until_the_pairs_change(tmp_path: Path) -
     job.tick()
     assert job.proc is None  # the same pairs failed validation already
     teaching.teach("who is on call", "Eva.", "console")
+    job.tick()
+    assert job.proc is not None and job.run_id == 2
+    job.stop()
+
+
+def _with_governor(tmp_path: Path, available_mib: int) -> tuple[Consolidation, Teaching, Governor, Path]:
+    """The job wired to a real governor's memory budget, as the supervisor wires it, on a fake /proc/meminfo."""
+    job, teaching, _models, _keeper = _setup(tmp_path, ticks=400)
+    root = tmp_path / "machine"
+    machine(root, total_mib=1024, available_mib=available_mib)
+    cfg = dataclasses.replace(GovernorConfig(), sensors_root=str(root), calm=0.0)
+    governor = Governor(cfg, job.store, Actuators(), max_threads=2, sensors=Sensors(root, vcgencmd=None))
+    job.memory, job.shed = governor.memory.room_for, governor.memory.shedding
+    return job, teaching, governor, root
+
+
+def test_a_run_waits_for_memory_and_says_why(tmp_path: Path) -> None:
+    job, teaching, governor, root = _with_governor(tmp_path, available_mib=300)
+    need = training_need(str(MODEL))
+    assert 140 * MIB < need < 400 * MIB  # the trainer and its validation engine, for the built-in model
+    teaching.teach("where is the spare key", "Under the pot.", "console")
+    said = job.request()
+    keep = 96 + 2 * 48  # memory_reserve_mb and twice min_available_mb stay free
+    assert said == (
+        "consolidation: 1 taught pairs will be consolidated when memory allows (memory short: it needs "
+        f"{need / MIB:.0f} MiB and keeps {keep} MiB free, 300 MiB are available)"
+    )
+    governor.tick()
+    for _ in range(3):
+        job.tick()
+    assert job.proc is None
+    assert "waiting: memory short: it needs" in job.status_line()
+    with job.store.locked() as db:
+        events = db.execute("SELECT message FROM events WHERE kind = 'consolidation'").fetchall()
+    assert events == [(f"waiting: {job.waiting}",)]  # once, not once a tick
+    machine(root, total_mib=1024, available_mib=keep + need // MIB + 1)
+    governor.tick()
+    job.tick()
+    assert job.proc is not None and job.waiting == ""
+    job.stop()
+
+
+def test_a_run_is_stopped_when_memory_runs_short_and_not_restarted_at_once(tmp_path: Path) -> None:
+    job, teaching, governor, root = _with_governor(tmp_path, available_mib=900)
+    teaching.teach("where is the spare key", "Under the pot.", "console")
+    job.request()
+    governor.tick()
+    job.tick()
+    assert job.proc is not None
+    proc = psutil.Process(job.proc.pid)
+    machine(root, total_mib=1024, available_mib=80)  # under 2 x min_available_mb: the governor sheds background work
+    governor.tick()
+    assert governor.memory.level == MemoryLevel.SHED_BACKGROUND
+    job.tick()
+    assert job.proc is None and not proc.is_running()  # killed: a stopped process would keep its memory
+    with job.store.locked() as db:
+        outcome = db.execute("SELECT outcome FROM consolidations WHERE id = 1").fetchone()[0]
+    assert outcome == "stopped (memory is short (80 MiB available): background work is shed)"
+    assert job.last == "run 1: stopped (memory is short (80 MiB available): background work is shed)"
+    machine(root, total_mib=1024, available_mib=900)
+    governor.tick()
+    governor.tick()  # calm 0: one step back a tick
+    assert governor.memory.shedding() is None
+    job.tick()
+    assert job.proc is None  # not again at once: a run that ran short may well run short again
+    job.request()  # unless asked
     job.tick()
     assert job.proc is not None and job.run_id == 2
     job.stop()
