@@ -46,7 +46,7 @@ BOOT_TIMEOUT = 900.0
 DISK_BYTES = 2 << 30  # as the image tests: var has room to grow at the first boot
 BARE_MARK = b"bare-booted uptime="
 ANALYSIS_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.bench.analyze=1"]
-ANALYSIS_TIMEOUT = 600.0  # from READY to the end of the guest's systemd-analyze output (slow under TCG and load)
+ANALYSIS_TIMEOUT = 240.0  # from READY to the end of the guest's systemd-analyze output (slow under TCG and load)
 
 
 def partitions(img: Path) -> dict[str, dict[str, int]]:
@@ -105,8 +105,11 @@ def boot_bare(bare: Path, workdir: Path, n: int) -> tuple[float, float, str]:
         script.wait_for(BARE_MARK, BOOT_TIMEOUT, "bare image's multi-user.target mark")
         wall = time.monotonic() - vm.started_at
         uptime = float(script.wait_for(b"\n", 30, "uptime").strip())
-        script.wait_for(b"bare-analysis-begin", 300, "bare image's systemd-analyze")
-        analysis = script.wait_for(b"bare-analysis-end", 120, "end of the bare image's systemd-analyze")
+        try:  # where the time went: a bonus, the figures above do not wait for it forever
+            script.wait_for(b"bare-analysis-begin", ANALYSIS_TIMEOUT, "bare image's systemd-analyze")
+            analysis = script.wait_for(b"bare-analysis-end", 120, "end of the bare image's systemd-analyze")
+        except vmlib.ScriptError as e:
+            analysis = f"({e})".encode()
     finally:
         vm.close()
         log.close()  # type: ignore[attr-defined]
@@ -150,6 +153,8 @@ def boot_appliance(image: Path, workdir: Path, n: int, name: str = "llmos") -> t
         while "== end" not in analysis_out.read_text(errors="replace") and time.monotonic() < deadline:
             time.sleep(2)
         analysis = analysis_out.read_text(errors="replace").replace("\r", "").split("== end")[0].strip()
+        if not analysis:
+            analysis = f"(no systemd-analyze output on ttyS1 within {ANALYSIS_TIMEOUT:.0f} s of READY)"
         vm.powerdown()
         vm.wait(300)
     finally:
@@ -171,6 +176,8 @@ def blame_and_chain(analysis: str, top: int = 12) -> str:
             sections[current] = []
         elif current:
             sections[current].append(line.rstrip())
+    if not sections:
+        return analysis.strip()
     chain = [x for x in sections.get("critical-chain", []) if x.strip() and not x.startswith("The time")]
     return "\n".join(
         [*sections.get("time", []), "", "blame:", *sections.get("blame", [])[:top], "", "critical chain:", *chain]

@@ -70,6 +70,16 @@ for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_re
     fi
 done
 
+# The kernel boots from the UKI on the ESP: the root needs no copy of it (8 MB, incompressible). mkosi builds the UKI
+# (after this script, and after the root partition) from /usr/lib/modules/KVER/vmlinuz, so that becomes a relative
+# link to /boot/vmlinuz-KVER, which image/repart/10-root.conf keeps off the root.
+for kernel in "$BUILDROOT"/boot/vmlinuz-*; do
+    kver=${kernel##*/vmlinuz-}
+    if [ -f "$kernel" ] && [ -d "$BUILDROOT/usr/lib/modules/$kver" ]; then
+        ln -sfn "../../../../boot/vmlinuz-$kver" "$BUILDROOT/usr/lib/modules/$kver/vmlinuz"
+    fi
+done
+
 # An empty machine-id file gives PID 1 something to bind-mount the run-time ID over on the read-only root.
 : > "$BUILDROOT/etc/machine-id"
 echo "llmos postinst: done"
