@@ -188,6 +188,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True, help="the image the targets apply to (without voice)")
     p.add_argument("--voice-image", type=Path, help="the same image with voice: what voice costs")
+    p.add_argument("--voice-rounds", type=int, help="boots of the voice image (default: --rounds; 0: its size only)")
     p.add_argument("--bare", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
@@ -201,7 +202,7 @@ def main() -> int:
             print(f"bare {n}: multi-user.target at {bare_runs[-1][0]:.1f} s guest, {bare_runs[-1][1]:.1f} s wall")
             llmos_runs.append(boot_appliance(args.image, work, n))
             print(f"llmos {n}: READY at {llmos_runs[-1][0]:.1f} s guest, {llmos_runs[-1][1]:.1f} s wall", flush=True)
-            if args.voice_image:
+            if args.voice_image and n < (args.rounds if args.voice_rounds is None else args.voice_rounds):
                 voice_runs.append(boot_appliance(args.voice_image, work, n, "voice"))
                 v = voice_runs[-1]
                 print(f"voice {n}: READY at {v[0]:.1f} s guest, {v[1]:.1f} s wall", flush=True)
@@ -230,19 +231,28 @@ def main() -> int:
         )
 
     voice_cols = " appliance with voice guest s | with voice wall s |" if voice_runs else ""
+
+    def voice_cells(n: int) -> str:
+        if not voice_runs:
+            return ""
+        return f" {voice_runs[n][0]:.1f} | {voice_runs[n][1]:.1f} |" if n < len(voice_runs) else " | |"
+
     runs = "\n".join(
-        f"| {n} | {b[0]:.1f} | {b[1]:.1f} | {a[0]:.1f} | {a[1]:.1f} |"
-        + (f" {voice_runs[n][0]:.1f} | {voice_runs[n][1]:.1f} |" if voice_runs else "")
+        f"| {n} | {b[0]:.1f} | {b[1]:.1f} | {a[0]:.1f} | {a[1]:.1f} |{voice_cells(n)}"
         for n, (b, a) in enumerate(zip(bare_runs, llmos_runs, strict=True))
     )
     voice_text = ""
     if voice_size is not None:
-        voice_guest = statistics.median(r[0] for r in voice_runs)
         voice_text = (
             f"\n\n{described('With voice (`make image`, the default)', args.voice_image, voice_size)} Voice costs "
-            f"{voice_size['xz'] - size['xz']:.1f} MB after xz; guest time to READY with voice (no sound card, so "
-            f"voice itself stays off) {voice_guest:.1f} s median, {voice_guest / bare_guest:.2f}x the bare image's."
+            f"{voice_size['xz'] - size['xz']:.1f} MB after xz."
         )
+        if voice_runs:
+            voice_guest = statistics.median(r[0] for r in voice_runs)
+            voice_text += (
+                f" Guest time to READY with voice (no sound card, so voice itself stays off): {voice_guest:.1f} s "
+                f"median of {len(voice_runs)}, {voice_guest / bare_guest:.2f}x the bare image's."
+            )
     analyses = (
         "\n\nWhere the time went, last round (`systemd-analyze` in the guest once the boot finished; the appliance's "
         "chain ends at llmos.service, READY):\n\nAppliance:\n\n```\n"
