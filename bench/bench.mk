@@ -87,8 +87,9 @@ bench-http-stack: $(HTTP_STACK_VENV)/.ok
 	$(HTTP_STACK_VENV)/bin/python bench/http_stack.py --write
 
 # Issue 14: image size (xz) and guest time to READY against a bare Debian image with the same kernel
-# (bench/bare/), booted in turn in the same QEMU. Not part of `make bench`'s default list: two image builds and
-# four TCG boots take about 20 minutes.
+# (bench/bare/), booted in turn in the same QEMU: the image without voice (VOICE=0, which the targets apply to) and
+# the default one with voice (what voice costs: its size, and one boot). Not part of `make bench`'s default list:
+# three image builds and five TCG boots take about 30 minutes.
 .PHONY: bench-boot bare-image
 BARE_DIR := build/bare
 BARE_IMAGE := $(BARE_DIR)/llmos-bare.raw
@@ -112,8 +113,11 @@ $(BARE_IMAGE): bench/bare/mkosi.conf $(shell find bench/bare/extra 2>/dev/null) 
 	  build > $(CURDIR)/$(BARE_DIR)/build.log 2>&1 || { tail -n 30 $(CURDIR)/$(BARE_DIR)/build.log; exit 1; }
 	@touch $@
 
-bench-boot: venv $(IMAGE) $(BARE_IMAGE)
-	$(PY) bench/boot.py --image $(IMAGE) --bare $(BARE_IMAGE) --rounds 2 --write
+bench-boot: venv $(BARE_IMAGE)
+	$(MAKE) image VOICE=0
+	$(MAKE) image VOICE=1
+	$(PY) bench/boot.py --image build/image-novoice/llmos-edge.raw --voice-image build/image/llmos-edge.raw \
+	  --voice-rounds 1 --bare $(BARE_IMAGE) --rounds 2 --write
 
 # Issue 14: a hundred power cuts that lose the disk's write cache (about three hours under TCG; not in `make bench`).
 .PHONY: bench-powercut

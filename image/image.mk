@@ -2,6 +2,8 @@
 # PYTHON, VENV, PY).
 #   make image-deps            host tools (mkosi 24, systemd 254, QEMU, OVMF, erofs-utils, bmaptool), idempotent
 #   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
+#   make image VOICE=0         the same without the voice front-end (build/image-novoice/llmos-edge.raw): no
+#                              espeak-ng, ALSA tools, onnxruntime or pocketsphinx; /status says voice is not installed
 #   make run [CPU=Nehalem] [SOUND=none|alsa] [STICK=stick.raw] [HTTP_PORT=8080]
 #                              install what is missing (make deps), then boot a copy of it in QEMU, serial console
 #                              on this terminal (Ctrl-A X quits); SOUND adds a sound card (silent, or this host's
@@ -12,7 +14,11 @@
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
 
-IMAGE_DIR := build/image
+# VOICE=1 (the default): the voice front-end is in the image (image/voice.conf and the `voice` extra); VOICE=0 leaves
+# it out (README: what voice costs). Each variant has its own output directory and mkosi tree cache.
+VOICE ?= 1
+VOICE_SUFFIX := $(if $(filter 0 no false,$(VOICE)),-novoice)
+IMAGE_DIR := build/image$(VOICE_SUFFIX)
 IMAGE := $(IMAGE_DIR)/llmos-edge.raw
 IMAGE_CACHE := $(CACHE)/image
 IMAGE_WHEELS := $(CACHE)/image-wheels
@@ -21,7 +27,7 @@ IMAGE_STAGE := $(IMAGE_CACHE)/stage
 IMAGE_RELEASE = $(shell $(PYTHON) image/aptsources.py codename)
 DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
-IMAGE_SOURCES := mkosi.conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
+IMAGE_SOURCES := mkosi.conf image/voice.conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
 	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 CPU ?=
 MEM ?= 1024
@@ -95,21 +101,24 @@ $(IMAGE_DEBS)/.ok:
 	@touch $@
 
 # mkosi's caches (packages, the incremental tree) live in $(CACHE); the apt sources come from this host.
+IMAGE_TREE_CACHE := $(IMAGE_CACHE)/mkosi$(VOICE_SUFFIX)
+
 $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok
 	@command -v mkosi >/dev/null || { echo "image: mkosi is not installed (hint: run make image-deps)"; exit 1; }
-	@mkdir -p $(IMAGE_DIR) $(IMAGE_CACHE)/mkosi $(IMAGE_CACHE)/packages
+	@mkdir -p $(IMAGE_DIR) $(IMAGE_TREE_CACHE) $(IMAGE_CACHE)/packages
 	@rm -rf $(IMAGE_CACHE)/pkgmngr && $(PYTHON) image/aptsources.py image --release $(IMAGE_RELEASE) \
 	  --out $(IMAGE_CACHE)/pkgmngr
 	@echo "== image: mkosi build (cold about 4-6 min, warm about 1-2 min); log in $(IMAGE_DIR)/build.log"
 	@# mkosi's incremental cache does not notice changed apt sources or pins: rebuild it (-ff) when they change.
 	@start=$$(date +%s); \
-	sources=$$(cat $$(find $(IMAGE_CACHE)/pkgmngr -type f | sort) mkosi.conf | sha256sum | cut -c1-16); \
+	sources=$$(cat $$(find $(IMAGE_CACHE)/pkgmngr -type f | sort) mkosi.conf image/voice.conf | sha256sum | cut -c1-16); \
 	force=--force; \
-	if [ "$$(cat $(IMAGE_CACHE)/mkosi/.sources 2>/dev/null)" != "$$sources" ]; then force="--force --force"; fi; \
+	if [ "$$(cat $(IMAGE_TREE_CACHE)/.sources 2>/dev/null)" != "$$sources" ]; then force="--force --force"; fi; \
 	if ! mkosi $$force \
 	  --release=$(IMAGE_RELEASE) \
+	  $(if $(VOICE_SUFFIX),,--include=image/voice.conf) \
 	  --package-manager-tree=$(IMAGE_CACHE)/pkgmngr \
-	  --cache-dir=$(IMAGE_CACHE)/mkosi \
+	  --cache-dir=$(IMAGE_TREE_CACHE) \
 	  --package-cache-dir=$(IMAGE_CACHE)/packages \
 	  --output-dir=$(IMAGE_DIR) \
 	  $$(ls $(IMAGE_DEBS)/*.deb >/dev/null 2>&1 && echo --package-directory=$(IMAGE_DEBS)) \
@@ -119,7 +128,7 @@ $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.sou
 	  exit 1; \
 	fi; \
 	test -f $@ || { echo "image: mkosi did not write $@ (hint: read $(IMAGE_DIR)/build.log)"; exit 1; }; \
-	echo "$$sources" > $(IMAGE_CACHE)/mkosi/.sources; \
+	echo "$$sources" > $(IMAGE_TREE_CACHE)/.sources; \
 	bmaptool create -o $@.bmap $@; \
 	echo "== image: $@ built in $$(( $$(date +%s) - start )) s:" \
 	  "$$(du -h --apparent-size $@ | cut -f1) apparent, $$(du -h $@ | cut -f1) on disk"

@@ -2,6 +2,7 @@
 # mkosi post-installation script: install the product into the image tree ($BUILDROOT).
 # Inputs come from `make image` as build sources: $SRCDIR/wheels (the project and every dependency, including the
 # `voice` extra, as wheels built on the host, so the image needs no compiler) and $SRCDIR/model/default.gguf.
+# LLMOS_VOICE=1 (from image/voice.conf, left out by `make image VOICE=0`): install the `voice` extra too.
 set -euo pipefail
 
 wheels="$SRCDIR/wheels"
@@ -13,15 +14,38 @@ ls "$wheels"/llmos_edge-*.whl >/dev/null
 pip_wheel=$(ls "$wheels"/pip-*.whl | sort -V | tail -n 1)
 # Debian's python3 with a venv of our own: no pip, no compiler in the image. pip runs straight from its wheel,
 # offline; it byte-compiles everything now, since the read-only root can't take __pycache__ at run time.
+project=llmos-edge
+if [ "${LLMOS_VOICE:-0}" = 1 ]; then project="llmos-edge[voice]"; fi
 mkosi-chroot python3 -m venv --without-pip "$venv"
 mkosi-chroot "$venv/bin/python" "${pip_wheel/#$SRCDIR/$CHROOT_SRCDIR}/pip" install \
     --no-index --no-cache-dir --disable-pip-version-check --no-warn-script-location \
-    --find-links "${wheels/#$SRCDIR/$CHROOT_SRCDIR}" "llmos-edge[voice]"
+    --find-links "${wheels/#$SRCDIR/$CHROOT_SRCDIR}" "$project"
 ln -sf "$venv/bin/llmos" "$BUILDROOT/usr/bin/llmos"
+site=$(echo "$BUILDROOT$venv"/lib/python3*/site-packages)
 # sqlite-utils depends on pip only for its `sqlite-utils install` command; an appliance installs nothing at run time.
-rm -rf "$BUILDROOT$venv"/lib/python3*/site-packages/pip "$BUILDROOT$venv"/lib/python3*/site-packages/pip-*.dist-info \
-    "$BUILDROOT$venv"/bin/pip*
-echo "llmos postinst: venv $(du -sh "$BUILDROOT$venv" | cut -f1)"
+rm -rf "$site"/pip "$site"/pip-*.dist-info "$BUILDROOT$venv"/bin/pip*
+# What only a developer uses (image size, issue 14): the packages' own test suites, C headers and CMake/pkg-config
+# files for building against them, type stubs. Nothing imports these at run time.
+find "$site" -type d \( -name tests -o -name include -o -name cmake -o -name pkgconfig \) -prune \
+    -exec rm -rf {} +
+find "$site" \( -name '*.pyi' -o -name '*.a' \) -delete
+# llama-cpp-python's wheel also installs llama.cpp's libraries for C++ programs in site-packages/lib (libllama-common
+# among them, 34 MB); the bindings load their own copies from llama_cpp/lib, and the CPU variants from
+# site-packages/bin. And a wheel cannot hold symlinks, so each library comes as three identical files
+# (libllama.so, .so.0, .so.0.5.0): the versioned file stays, the other two become the links they were meant to be.
+if [ -e "$site/lib/libllama.so" ] && [ -e "$site/llama_cpp/lib/libllama.so" ]; then rm -rf "$site/lib"; fi
+for f in "$site"/llama_cpp/lib/lib*.so.*.*.*; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f")
+    for link in "${name%%.so.*}.so" "${name%.*.*}"; do
+        if cmp -s "$f" "$(dirname "$f")/$link"; then ln -sf "$name" "$(dirname "$f")/$link"; fi
+    done
+done
+if [ "${LLMOS_VOICE:-0}" != 1 ]; then
+    # the voice activity detector's model, shipped in the package's data; without voice nothing loads it
+    rm -f "$site"/llmos_edge/data/silero_vad.onnx
+fi
+echo "llmos postinst: $project into the venv, $(du -sh "$BUILDROOT$venv" | cut -f1)"
 
 echo "llmos postinst: installing the model ($(du -h "$model" | cut -f1))"
 install -D -m 0644 "$model" "$BUILDROOT/usr/share/llmos/models/default.gguf"
@@ -35,13 +59,24 @@ fi
 # Root stays locked: nobody logs in to an appliance; the product talks on the console.
 mkosi-chroot passwd --lock root >/dev/null
 
-mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-factory-reset.path
-# The product owns ttyS0: no login prompt there. Nothing asks questions at boot. apt's timers would only fail
-# on the read-only root.
-mkosi-chroot systemctl mask serial-getty@ttyS0.service systemd-firstboot.service
+mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-factory-reset.path \
+    llmos-boot-analysis.service
+# The product owns ttyS0: no login prompt there, nor on the display (root is locked: nobody logs in). Nothing asks
+# questions at boot. apt's timers would only fail on the read-only root.
+mkosi-chroot systemctl mask serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service
 for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service; do
     if [ -e "$BUILDROOT/usr/lib/systemd/system/$unit" ] || [ -e "$BUILDROOT/lib/systemd/system/$unit" ]; then
         mkosi-chroot systemctl mask "$unit"
+    fi
+done
+
+# The kernel boots from the UKI on the ESP: the root needs no copy of it (8 MB, incompressible). mkosi builds the UKI
+# (after this script, and after the root partition) from /usr/lib/modules/KVER/vmlinuz, so that becomes a relative
+# link to /boot/vmlinuz-KVER, which image/repart/10-root.conf keeps off the root.
+for kernel in "$BUILDROOT"/boot/vmlinuz-*; do
+    kver=${kernel##*/vmlinuz-}
+    if [ -f "$kernel" ] && [ -d "$BUILDROOT/usr/lib/modules/$kver" ]; then
+        ln -sfn "../../../../boot/vmlinuz-$kver" "$BUILDROOT/usr/lib/modules/$kver/vmlinuz"
     fi
 done
 

@@ -87,11 +87,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             "the error says",
             file=sys.stderr,
         )
+    from llmos_edge import engine
+
+    engine.prestart_worker()  # the engine's imports run beside the supervisor's (boot time: docs/image.md)
     from llmos_edge.supervisor import Supervisor  # heavy imports only for the command that needs them
 
     try:
         supervisor = Supervisor(loaded)
     except UserError as e:
+        engine.discard_prestarted()
         _die(e)
         if e.passing:  # a lock another process holds: systemd's restart tries again
             logging.getLogger("llmos").error("cannot start for now: %s", e)

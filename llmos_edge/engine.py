@@ -101,6 +101,56 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
+# A worker started before the supervisor has imported the rest of itself (prestart_worker); the first start uses it.
+_spare: tuple[subprocess.Popen[bytes], multiprocessing.connection.Connection] | None = None
+_spare_lock = threading.Lock()
+
+
+def _spawn_worker() -> tuple[subprocess.Popen[bytes], multiprocessing.connection.Connection]:
+    parent_sock, child_sock = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", WORKER_MODULE, str(child_sock.fileno())],
+        pass_fds=[child_sock.fileno()],
+        stdin=subprocess.DEVNULL,
+        env=worker_environment(),
+    )
+    child_sock.close()
+    return proc, multiprocessing.connection.Connection(parent_sock.detach())
+
+
+def prestart_worker() -> None:
+    """Start the engine's worker process now, before the model to load is known. It imports llama.cpp's bindings
+    (numpy with them) while it waits for its Init: seconds on a slow board. `llmos run` calls this before importing
+    the supervisor, so the two processes get ready side by side instead of one after the other (docs/image.md,
+    boot time). The first Engine.start() sends this
+    worker its Init; a worker never used is closed by discard_prestarted() (or dies with its parent)."""
+    global _spare
+    with _spare_lock:
+        if _spare is None:
+            _spare = _spawn_worker()
+
+
+def _take_prestarted() -> tuple[subprocess.Popen[bytes], multiprocessing.connection.Connection] | None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare[0].poll() is not None:  # it died waiting (killed): start a new one
+        spare[1].close()
+        return None
+    return spare
+
+
+def discard_prestarted() -> None:
+    """Close a prestarted worker that no Engine took (its Init never comes: it sees EOF and exits)."""
+    spare = _take_prestarted()
+    if spare is not None:
+        spare[1].close()
+        _wait(spare[0], 2)
+        if spare[0].poll() is None:
+            spare[0].kill()
+            _wait(spare[0], 2)
+
+
 class Engine:
     """The supervisor's handle on the worker process: start, generate (blocking, streaming), cancel, stop.
 
@@ -165,15 +215,7 @@ class Engine:
     def _start_once(self) -> EngineInfo:
         with self._lock:
             self._kill_locked()
-            parent_sock, child_sock = socket.socketpair()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, str(child_sock.fileno())],
-                pass_fds=[child_sock.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=worker_environment(),
-            )
-            child_sock.close()
-            parent = multiprocessing.connection.Connection(parent_sock.detach())
+            proc, parent = _take_prestarted() or _spawn_worker()
             parent.send(Init(self.settings))
             self._proc, self._conn = proc, parent
             deadline = time.monotonic() + self.load_timeout

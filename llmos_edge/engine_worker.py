@@ -387,6 +387,13 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = multiprocessing.connection.Connection(fd)
     try:
+        # The bindings first, before the Init that names the model: a prestarted worker (engine.prestart_worker)
+        # imports them while the supervisor still gets ready. Loading a CPU variant waits for the Init, which
+        # carries the variants to exclude. A missing or broken package is reported by load() as before.
+        try:
+            import llama_cpp  # noqa: F401
+        except Exception:
+            pass
         init = receive_to_worker(conn)
         if not isinstance(init, Init):
             raise SystemExit(f"engine worker: expected Init first, got {type(init).__name__}")

@@ -17,16 +17,27 @@ import logging
 import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from llmos_edge.errors import UserError
 from llmos_edge.ring import Ring, RingUnavailable, Rows, encode, read_records
+
+if "numpy" in sys.modules:
+    import sqlite_utils
+else:
+    # sqlite-utils imports numpy, when installed, only to map numpy's scalar types to column types; the store makes
+    # its tables from Python types and never writes a numpy value. numpy was the largest import of the supervisor
+    # (a third of it on a PC, seconds on a slow board's boot): hidden while sqlite-utils loads, it is never imported.
+    sys.modules["numpy"] = None  # type: ignore[assignment]
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["numpy"]
 
 log = logging.getLogger(__name__)
 

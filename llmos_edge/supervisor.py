@@ -15,23 +15,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from llmos_edge import __version__, factory_reset, status_page
+from llmos_edge import __version__, factory_reset
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.consolidation import Consolidation
 from llmos_edge.control import ControlServer
-from llmos_edge.engine import Engine, EngineSettings, default_threads
+from llmos_edge.engine import Engine, EngineSettings, default_threads, discard_prestarted
 from llmos_edge.errors import UserError
 from llmos_edge.governor import Actuators, Governor
-from llmos_edge.http_api import HttpApi
 from llmos_edge.keeper import Keeper, KeeperState
 from llmos_edge.learning import SOURCES, Teaching
 from llmos_edge.memory import TEMPLATE_RESERVE, Memory, prompt_cost
-from llmos_edge.metrics import Metrics
 from llmos_edge.model_store import ModelStore
 from llmos_edge.models import MIB, MIN_CONTEXT, GGUFInfo, estimate_memory
 from llmos_edge.readiness import Readiness
@@ -52,6 +50,10 @@ from llmos_edge.store import Store
 from llmos_edge.thermal import ThermalMode
 from llmos_edge.voice import VOICE_MEMORY_MB, Voice  # voice (issue 6)
 from llmos_edge.wear import WearMeter
+
+if TYPE_CHECKING:
+    from llmos_edge.http_api import HttpApi
+    from llmos_edge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,12 @@ class Supervisor:
             summary=lambda: status_summary(self.status()),
         )
         # http (issue 13): counters fed by the scheduler as requests finish, gauges read from status() per scrape
-        self.metrics = Metrics(self.status) if c.http.enabled else None
+        # Imported only when enabled: the HTTP stack (prometheus_client, http.server) costs boot time on a slow board.
+        self.metrics: Metrics | None = None
+        if c.http.enabled:
+            from llmos_edge.metrics import Metrics
+
+            self.metrics = Metrics(self.status)
         self.scheduler = Scheduler(
             self.engine,
             self.store,
@@ -188,6 +195,9 @@ class Supervisor:
             )
         self.http: HttpApi | None = None
         if self.metrics is not None:
+            from llmos_edge import status_page
+            from llmos_edge.http_api import HttpApi
+
             self.http = HttpApi(
                 c.http,
                 self.scheduler,
@@ -499,6 +509,7 @@ class Supervisor:
         self.consolidation.stop()  # a run in progress is killed; the next start begins it again
         self.scheduler.stop(timeout=left(1.0))
         self.engine.stop(timeout=left(1.0))
+        discard_prestarted()  # a worker prestarted for a model that never loaded
         self.store.event("stop", f"clean shutdown in {time.monotonic() - t0:.2f} s ({self.stop_reason or 'SIGTERM'})")
         self.store.record_stop(self.stop_reason or "SIGTERM")
         self.store.close()

@@ -11,24 +11,28 @@ utterance at a time. Every interaction is a row in the `voice` table with its ti
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmos_edge.config import VoiceConfig
 from llmos_edge.errors import UserError
 from llmos_edge.scheduler import Refused, Request, Result, Scheduler
 from llmos_edge.status import MIB, Status
-from llmos_edge.voice_asr import COMMANDS, Heard, PocketsphinxRecognizer, Recognizer, WhisperRecognizer, read_questions
 from llmos_edge.voice_audio import RATE, Capture, Playback, probe_capture
 from llmos_edge.voice_tts import Synth, split_sentences
-from llmos_edge.voice_vad import Endpointer, SileroVAD, Utterance
+
+# The recogniser and the VAD (numpy, and through them pocketsphinx and onnxruntime) are imported when voice starts:
+# the supervisor imports this module at every start, and most devices have no microphone (boot time, docs/image.md).
+if TYPE_CHECKING:
+    from llmos_edge.voice_asr import Heard, Recognizer
+    from llmos_edge.voice_vad import Utterance
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ class VoiceRecorder(Protocol):
 
 
 def help_text(wake_word: str) -> str:
+    from llmos_edge.voice_asr import COMMANDS
+
     names = ", ".join(ps[0] for ps in COMMANDS.values())
     first = f"Say {wake_word}, then a command" if wake_word else "Say a command"
     return f"{first}: {names}. Or ask me a question."
@@ -91,7 +97,23 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def not_installed(cfg: VoiceConfig) -> str:
+    """Why this installation has no voice front-end at all, or "" when it has one: the `voice` extra's packages or
+    Debian's ALSA tools are missing (an image built with `make image VOICE=0` has neither). Looked up without
+    importing them."""
+    # (whisper's pywhispercpp is not in the extra: its own error says how to get it)
+    packages = ["onnxruntime"] + ([] if cfg.recognizer == "whisper" else ["pocketsphinx"])
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"not installed ({', '.join(missing)}); pip install 'llmos-edge[voice]', or an image built with VOICE=1"
+    if shutil.which("arecord") is None:
+        return "not installed (arecord: Debian package alsa-utils); an image built with VOICE=1 has it"
+    return ""
+
+
 def make_recognizer(cfg: VoiceConfig) -> Recognizer:
+    from llmos_edge.voice_asr import PocketsphinxRecognizer, WhisperRecognizer, read_questions
+
     if cfg.recognizer == "whisper":
         return WhisperRecognizer(cfg.whisper_model, cfg.wake_word)
     return PocketsphinxRecognizer(cfg.wake_word, read_questions(cfg.questions))
@@ -144,11 +166,17 @@ class Voice:
     def will_run(self) -> bool:
         """Whether `start` would find a microphone: the supervisor reserves memory for voice before the model
         loads, so the model's budget leaves room for it."""
-        return self.cfg.enabled != "off" and probe_capture(self.cfg.capture) == ""
+        return self.cfg.enabled != "off" and not not_installed(self.cfg) and probe_capture(self.cfg.capture) == ""
 
     def start(self) -> bool:
         """Start listening; False (with the reason in `state`) when there is no microphone or voice is off."""
         if self.cfg.enabled == "off":
+            return False
+        missing = not_installed(self.cfg)
+        if missing:  # nothing to look for again later
+            if missing != self.state:
+                (log.error if self.cfg.enabled == "on" else log.info)("voice: %s", missing)
+            self.state, self.device_missing = missing, False
             return False
         why = probe_capture(self.cfg.capture)
         self.device_missing = bool(why)
@@ -161,6 +189,8 @@ class Voice:
             self.state = why
             return False
         try:
+            from llmos_edge.voice_vad import Endpointer, SileroVAD
+
             self.recognizer = make_recognizer(self.cfg)
             self.synth = Synth(self.cfg.tts_voice, self.cfg.tts_speed)
             self.endpointer = Endpointer(
@@ -288,6 +318,8 @@ class Voice:
                 self.on_interaction(it)
 
     def _handle(self, it: Interaction) -> None:
+        import numpy as np  # loaded with the recogniser by start()
+
         assert self.recognizer is not None
         audio = it.utterance.audio
         t = time.perf_counter()

@@ -245,6 +245,22 @@ def image(serial_url: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def has_voice(image: Path) -> bool:
+    """Whether the image was built with voice (`make image`, the default) or without it (`make image VOICE=0`):
+    mkosi's manifest beside the image lists its packages."""
+    manifest = image.with_suffix(".manifest")
+    if not manifest.exists():
+        pytest.fail(f"no {manifest} beside the image: mkosi writes it (ManifestFormat=json); copy it with the image")
+    return "espeak-ng" in {p["name"] for p in json.loads(manifest.read_text())["packages"]}
+
+
+# What /status says about voice on an image built with VOICE=0 (llmos_edge/voice.py, not_installed).
+VOICE_NOT_INSTALLED = (
+    "voice: not installed (onnxruntime, pocketsphinx); pip install 'llmos-edge[voice]', or an image built with VOICE=1"
+)
+
+
+@pytest.fixture(scope="session")
 def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the image, grown to 2 GiB like a card bigger than the image: the tests may power-cut it
     and the built image stays untouched."""

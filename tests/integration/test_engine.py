@@ -139,3 +139,25 @@ def test_pacing_rests_the_cpu_and_the_token_count_is_exact() -> None:
     stats = e.generate("the quick brown fox", 50, lambda _t: None, lambda: False)
     assert e.tokens_total - before == stats.tokens_out
     e.stop()
+
+
+def test_a_prestarted_worker_is_the_one_that_loads_the_model() -> None:
+    """`llmos run` starts the worker before it imports the supervisor (boot time): the first start hands that very
+    process its model, and a worker nobody took is closed."""
+    from llmos_edge import engine as engine_mod
+
+    engine_mod.prestart_worker()
+    spare = engine_mod._spare
+    assert spare is not None
+    e = Engine(EngineSettings(str(MODEL), n_ctx=512, n_threads=2))
+    try:
+        info = e.start()
+        assert info.pid == spare[0].pid and engine_mod._spare is None
+        assert run(e, "ping", job=1) == "pong"
+    finally:
+        e.stop()
+    engine_mod.prestart_worker()
+    unused = engine_mod._spare
+    assert unused is not None
+    engine_mod.discard_prestarted()
+    assert unused[0].poll() is not None and engine_mod._spare is None

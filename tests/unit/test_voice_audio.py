@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,33 @@ def test_file_device_is_a_microphone(tmp_path: Path, monkeypatch: pytest.MonkeyP
     mic.write_bytes(render("stop").tobytes())
     monkeypatch.setenv("XDG_CONFIG_HOME", alsa_devices(tmp_path, mic, tmp_path / "out.wav")["XDG_CONFIG_HOME"])
     assert probe_capture("mic") == ""
+
+
+def test_without_the_voice_packages_it_says_not_installed_and_stops_looking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image built with VOICE=0 has neither onnxruntime nor pocketsphinx: /status says so, and the front-end does
+    not look for a microphone every few seconds for nothing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = ("onnxruntime", "pocketsphinx")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    voice = Voice(VoiceConfig(), None, None, status_snapshot, 8)  # type: ignore[arg-type]
+    assert voice.will_run() is False
+    voice.start_when_present()  # returns at once: nothing to wait for
+    assert voice.status_line() == (
+        "voice: not installed (onnxruntime, pocketsphinx); pip install 'llmos-edge[voice]', or an image built with "
+        "VOICE=1"
+    )
+    assert voice.device_missing is False
+
+
+def test_the_supervisor_imports_no_numpy_and_no_voice_packages() -> None:
+    """Boot time: what the supervisor imports at every start leaves out numpy, onnxruntime and pocketsphinx (voice
+    loads them when it starts) and the HTTP stack (loaded when http.enabled)."""
+    code = (
+        "import sys, llmos_edge.supervisor; "
+        "print(sorted(m for m in ('numpy', 'onnxruntime', 'pocketsphinx', 'prometheus_client', 'http.server') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
