@@ -134,9 +134,6 @@ def _take_prestarted() -> tuple[subprocess.Popen[bytes], multiprocessing.connect
     global _spare
     with _spare_lock:
         spare, _spare = _spare, None
-    if spare is not None and spare[0].poll() is not None:  # it died waiting (killed): start a new one
-        spare[1].close()
-        return None
     return spare
 
 
@@ -216,7 +213,12 @@ class Engine:
         with self._lock:
             self._kill_locked()
             proc, parent = _take_prestarted() or _spawn_worker()
-            parent.send(Init(self.settings))
+            try:
+                parent.send(Init(self.settings))
+            except OSError:
+                # A prestarted worker that died waiting (killed, or crashed importing llama.cpp) is a death at start
+                # like any other: reported and retried below, never replaced in silence.
+                pass
             self._proc, self._conn = proc, parent
             deadline = time.monotonic() + self.load_timeout
             cpu = ""
