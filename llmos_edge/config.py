@@ -132,8 +132,9 @@ class DatabaseConfig:
         "Seconds for which answered requests' rows (and their conversation turns) are held for one batch commit, "
         "each first written to the request ring beside the database (`llmos.db.ring`: a few 512-byte sectors, "
         "unbuffered and synchronous, taken into the database at the next start after a power cut). Spares the "
-        "flash about 90% of a request's writes; `llmos logs` reads the ring too. 0 commits each request on its own "
-        "(also the fallback where the file system refuses O_DIRECT). The image sets 3600.",
+        "flash about 90% of the database's writes for a request (measured on ext4); `llmos logs` reads the ring too. "
+        "0 commits each request on its own (also the fallback where the file system refuses O_DIRECT). The image "
+        "sets 3600.",
         minimum=0.0,
         maximum=86400.0,
     )
