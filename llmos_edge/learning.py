@@ -233,14 +233,14 @@ class Teaching:
         k = key(question)
         if not k or not self.enabled:
             return None
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:  # the taught table only: held request rows may wait
             row = db.execute(f"SELECT {_COLUMNS} FROM taught WHERE key = ?", [k]).fetchone()
         return None if row is None else _pair(row)
 
     def pairs(self, search: str = "", limit: int = 50) -> list[Pair]:
         """The taught pairs, newest first; with `search`, those whose question or answer has all its words (FTS5)."""
         terms = words(search)
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:  # the taught table only: held request rows may wait
             if terms:
                 match = " ".join(f'"{t}"' for t in terms)
                 rows = db.execute(
@@ -253,12 +253,12 @@ class Teaching:
         return [_pair(r) for r in rows]
 
     def count(self) -> int:
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:  # the taught table only: held request rows may wait
             return int(db.execute("SELECT COUNT(*) FROM taught").fetchone()[0])
 
     # -- consolidation (consolidation.py) ------------------------------------------------------------------
     def all_pairs(self) -> list[Pair]:
-        with self.store.locked() as db:
+        with self.store.locked(fresh=False) as db:  # the taught table only: held request rows may wait
             return [_pair(r) for r in db.execute(f"SELECT {_COLUMNS} FROM taught ORDER BY id").fetchall()]
 
     def mark_consolidated(self, ids: list[int], run: int | None) -> None:
