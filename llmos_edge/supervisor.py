@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from llmos_edge import __version__, factory_reset, status_page, update
+from llmos_edge import __version__, factory_reset, update
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.consolidation import Consolidation
