@@ -146,10 +146,17 @@ def test_a_prestarted_worker_is_the_one_that_loads_the_model() -> None:
     process its model, and a worker nobody took is closed."""
     from llmos_edge import engine as engine_mod
 
+    # A CPU variant that dies with SIGILL here (a host that advertises instructions it cannot run) would take the
+    # prestarted worker with it, rightly; learn this machine's exclusions first, as the supervisor's first start does.
+    probe = Engine(EngineSettings(str(MODEL), n_ctx=512, n_threads=2))
+    try:
+        probe.start()
+    finally:
+        probe.stop()
     engine_mod.prestart_worker()
     spare = engine_mod._spare
     assert spare is not None
-    e = Engine(EngineSettings(str(MODEL), n_ctx=512, n_threads=2))
+    e = Engine(EngineSettings(str(MODEL), n_ctx=512, n_threads=2, exclude_cpu=tuple(probe.bad_cpu)))
     try:
         info = e.start()
         assert info.pid == spare[0].pid and engine_mod._spare is None
