@@ -359,6 +359,23 @@ def esp_files(img: Path, directory: str = "/EFI/Linux") -> list[str]:
     return sorted(Path(line.strip()).name for line in out.splitlines() if line.strip())
 
 
+def bless(img: Path) -> str:
+    """Rename the disk's counted UKI (`name+N.efi`) to its plain name, as systemd-bless-boot does once a boot passed
+    the health gate (docs/updates.md): a card whose version was already accepted. For tests about something else
+    that a new version's first boot would count against it (a supervisor stopped on purpose fails the gate, and the
+    gate reboots). Returns the plain name."""
+    offset = partitions(img)["esp"]["start"]
+    counted = [f for f in esp_files(img) if "+" in f]
+    assert len(counted) == 1, f"expected one counted UKI on the ESP: {esp_files(img)}"
+    plain = counted[0].split("+")[0] + ".efi"
+    subprocess.run(
+        ["mren", "-i", f"{img}@@{offset}", f"::/EFI/Linux/{counted[0]}", f"::/EFI/Linux/{plain}"],
+        check=True,
+        capture_output=True,
+    )
+    return plain
+
+
 def extract_root(img: Path, label: str, dest: Path) -> Path:
     """The files of a root slot (erofs) under `dest`, extracted by erofs-utils without mounting."""
     part = partitions(img)[label]
