@@ -43,7 +43,7 @@ from bench.report import begin  # noqa: E402
 XZ_TARGET_MB = 120.0
 BOOT_RATIO_TARGET = 1.3
 BOOT_TIMEOUT = 900.0
-DISK_BYTES = 2 << 30  # as the image tests: var has room to grow at the first boot
+DISK_BYTES = 4 << 30  # as the image tests (tests/image/conftest.py): var has room to grow at the first boot
 BARE_MARK = b"bare-booted uptime="
 ANALYSIS_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.bench.analyze=1"]
 ANALYSIS_TIMEOUT = 240.0  # from READY to the end of the guest's systemd-analyze output (slow under TCG and load)

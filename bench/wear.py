@@ -7,7 +7,10 @@ question is asked over the serial console every SPACING_S seconds for WINDOW_S s
 The image commits request rows and samples an hour at a time (database.request_flush and sample_flush, 3600 s; each
 answer goes at once to the request ring): a window shorter than an hour would miss the commit it owes, so the window
 is an hour and holds one of each, and a day at one request a minute is 24 such windows. The device's own `/status`
-`flash:` line (wear.py, from the guest kernel's counters) is shown beside it. Target: at most 5 MB a day.
+`flash:` line (wear.py, from the guest kernel's counters) is shown beside it, and so is who wrote: every 5 minutes
+the guest's llmos-io-report.service (on with a credential) writes each process's bytes written to its second serial
+port, and the difference between the first report of the window and the last is listed by process. Target: at
+most 5 MB a day.
 
   bench/wear.py --image build/image/llmos-edge.raw [--write]
 """
@@ -44,6 +47,46 @@ def written(vm: vmlib.VM) -> int:
     return sum(int(d.get("stats", {}).get("wr_bytes", 0)) for d in stats)
 
 
+IO_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.bench.io=1"]
+
+
+def io_reports(text: str) -> list[tuple[float, dict[str, int]]]:
+    """The blocks of llmos-io-report (rootfs-overlay/usr/lib/llmos/llmos-io-report): (guest uptime, bytes by writer),
+    a writer being "comm[pid]" for a process, "ext4 NAME" or "block DEV" (sectors turned into bytes)."""
+    reports: list[tuple[float, dict[str, int]]] = []
+    for block in text.replace("\r", "").split("== io uptime=")[1:]:
+        if "== end" not in block:
+            continue  # the last block may still be being written
+        head, _, rest = block.partition("\n")
+        counts: dict[str, int] = {}
+        for line in rest.split("== end")[0].splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "ext4":
+                counts[f"ext4 {parts[1]}"] = int(parts[2]) * 1024
+            elif len(parts) == 3 and parts[0] == "block":
+                counts[f"block {parts[1]}"] = int(parts[2]) * 512
+            elif len(parts) >= 3 and parts[0].isdigit():
+                counts[f"{' '.join(parts[2:])}[{parts[1]}]"] = int(parts[0])
+        reports.append((float(head.strip()), counts))
+    return reports
+
+
+def writers(reports: list[tuple[float, dict[str, int]]], top: int = 10) -> str:
+    """The largest writers between the first report and the last, as Markdown list lines."""
+    if len(reports) < 2:
+        return "- (fewer than two reports of llmos-io-report on ttyS1: no attribution)"
+    (u0, first), (u1, last) = reports[0], reports[-1]
+    delta = {k: v - first.get(k, 0) for k, v in last.items() if v - first.get(k, 0) > 0}
+    lines = [f"- between guest uptime {u0:.0f} and {u1:.0f} s ({(u1 - u0) / 60:.0f} min), bytes dirtied by process"]
+    lines.append("  (a process that exited in between is missing), and the devices' own counts:")
+    procs = sorted(((v, k) for k, v in delta.items() if not k.startswith(("ext4 ", "block "))), reverse=True)
+    for v, k in procs[:top]:
+        lines.append(f"  - `{k}`: {size(v)}")
+    for k in sorted(k for k in delta if k.startswith(("ext4 ", "block "))):
+        lines.append(f"  - `{k}`: {size(delta[k])}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", type=Path, default=REPO / "build/image/llmos-edge.raw")
@@ -53,7 +96,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llmos-wear-"))
     disk = work / "disk.raw"
     card(args.image, disk)
-    b = boot(disk, "bench-wear")
+    io_out = work / "io-report.txt"
+    b = boot(
+        disk, "bench-wear", extra=[*IO_CREDENTIAL, "-chardev", f"file,id=io,path={io_out}", "-serial", "chardev:io"]
+    )
     assert b.vm is not None
     try:
         time.sleep(SETTLE_S)
@@ -65,6 +111,9 @@ def main() -> int:
             asked += 1
             time.sleep(max(0.0, t0 + asked * SPACING_S - time.monotonic()))
         w1, t1 = written(b.vm), time.monotonic()
+        # the window's first report is the one taken at or after its start (guest uptime ~ QEMU's run time)
+        start_uptime = t0 - b.vm.started_at
+        reports = [r for r in io_reports(io_out.read_text(errors="replace")) if r[0] >= start_uptime - 10]
         flash = re.search(r"^flash: .*$", b.console.ask("/status", timeout=120), re.M)
         b.shutdown()
     finally:
@@ -80,6 +129,7 @@ def main() -> int:
             f"- written in the window: {size(w1 - w0)} = **{size((w1 - w0) / asked)} a request**, idle writes included",
             f"- a day at one request a minute: **{size(day)}**",
             f"- the device's own `/status` at the end: `{flash.group(0) if flash else 'no flash line'}`",
+            writers(reports),
         ]
     )
     print(body)

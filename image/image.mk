@@ -11,6 +11,9 @@
 #                              image/usbstick.py); HTTP_PORT adds a network card, the guest's HTTP API (with
 #                              http.enabled) on 127.0.0.1:HTTP_PORT. With standard input not a terminal, the input is typed into the
 #                              console as a script, a line per prompt, and the VM powers off at its end (CI does so)
+#   make update-bundle IMAGE_VERSION=x [NO_XZ=1]
+#                              a signed update (root slot image, UKI, SHA256SUMS) in build/update/x/ for devices
+#                              running an earlier version: /update PATH on their console (docs/updates.md)
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
 
@@ -26,6 +29,11 @@ IMAGE_STAGE := $(IMAGE_CACHE)/stage
 # The image's Debian release is the host's, so wheels built here match the image's Python ABI.
 IMAGE_RELEASE = $(shell $(PYTHON) image/aptsources.py codename)
 DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
+# The image's version (IMAGE_VERSION in os-release; it names root slot A and the UKI, docs/updates.md): the
+# project's version unless given. An update must carry a higher one: make image IMAGE_VERSION=0.1.0.1
+# IMAGE_BROKEN=1: a build whose supervisor exits 1 at every start (image/postinst.sh), for the rollback test only.
+IMAGE_BROKEN ?=
+IMAGE_VERSION ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 IMAGE_SOURCES := mkosi.conf image/voice.conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
 	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
@@ -35,7 +43,7 @@ SOUND ?=
 STICK ?=
 HTTP_PORT ?=
 
-.PHONY: image-deps image-wheels image image-xz run flash image-test
+.PHONY: image-deps image-wheels image image-xz update-bundle run flash image-test
 
 # `make deps` installs the image tools too.
 deps: image-deps
@@ -71,6 +79,14 @@ $(IMAGE_WHEELS)/.project.ok: $(IMAGE_WHEELS)/.deps.ok pyproject.toml $(wildcard 
 
 image-wheels: $(IMAGE_WHEELS)/.project.ok
 
+# The version (and the test switch) is baked into the image: the stamp changes when it does.
+$(IMAGE_STAGE)/.version: FORCE_CHECK
+	@[[ "$(IMAGE_VERSION)" =~ ^[0-9][0-9A-Za-z.~^-]*$$ ]] || { echo "image: IMAGE_VERSION=$(IMAGE_VERSION) is not" \
+	  "a version (hint: digits and dots, e.g. 0.1.0.1; it becomes part of a partition label and a file name)"; exit 1; }
+	@mkdir -p $(@D)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(IMAGE_VERSION) $(IMAGE_BROKEN)" ]; then \
+	  echo "$(IMAGE_VERSION) $(IMAGE_BROKEN)" > $@; fi
+
 # Which model is baked in: the stamp changes when MODEL names another file or the file changes.
 $(IMAGE_STAGE)/model/.source: FORCE_CHECK
 	@test -f "$(IMAGE_MODEL)" || { echo "image: no model file at $(IMAGE_MODEL) (hint: run \`make model\`," \
@@ -88,22 +104,44 @@ $(IMAGE_STAGE)/model/.source: FORCE_CHECK
 .PHONY: FORCE_CHECK
 FORCE_CHECK:
 
-# Debian 12's systemd-stub (252) prints "Overlapping PE sections detected" in red on the product's console at
-# every boot when the host's ukify 254 assembles the UKI. The stub from bookworm-backports matches ukify: its .deb
-# goes in as a local package (apt takes the higher version); the rest of the image stays plain Debian 12.
+# Debian 12's systemd 252 has no systemd-sysupdate (A/B updates, docs/updates.md), and its systemd-stub prints
+# "Overlapping PE sections detected" in red on the product's console at every boot when the host's ukify 254
+# assembles the UKI. So systemd comes from bookworm-backports (254, the host's own: see image/hostdeps.sh): every
+# binary package of it that the image or mkosi's default initrd may install goes in as a local package (apt takes
+# the higher version), all of one version since they depend on each other exactly; the rest stays plain Debian 12.
+# The stamp holds the list, so a changed list downloads again.
 IMAGE_DEBS := $(IMAGE_CACHE)/debs
-$(IMAGE_DEBS)/.ok:
+IMAGE_BACKPORTS := systemd systemd-sysv systemd-dev udev libsystemd0 libsystemd-shared libudev1 libnss-systemd \
+	libpam-systemd systemd-timesyncd systemd-container systemd-boot systemd-boot-efi
+$(IMAGE_DEBS)/.ok: FORCE_CHECK
 	@mkdir -p $(@D)
-	@if [ "$(IMAGE_RELEASE)" = bookworm ]; then \
-	  cd $(@D) && apt-get download -q systemd-boot-efi/bookworm-backports 2>&1 | grep -v '^W: Download is performed unsandboxed' || \
-	  { echo "image: cannot download systemd-boot-efi from bookworm-backports (hint: run make image-deps)"; exit 1; }; \
+	@want="$(IMAGE_RELEASE): $(IMAGE_BACKPORTS)"; \
+	if [ "$$(cat $@ 2>/dev/null)" != "$$want" ]; then \
+	  rm -f $(@D)/*.deb; \
+	  if [ "$(IMAGE_RELEASE)" = bookworm ]; then \
+	    echo "== image: systemd from bookworm-backports into $(@D)"; \
+	    ( cd $(@D) && apt-get download -qq $(addsuffix /bookworm-backports,$(IMAGE_BACKPORTS)) ) 2>&1 \
+	      | grep -v '^W: Download is performed unsandboxed' || true; \
+	    n=$$(ls $(@D)/*.deb 2>/dev/null | wc -l); \
+	    [ "$$n" = $(words $(IMAGE_BACKPORTS)) ] || { echo "image: got $$n of the $(words $(IMAGE_BACKPORTS))" \
+	      "systemd packages from bookworm-backports (hint: run make image-deps, then apt-get update)"; exit 1; }; \
+	  fi; \
+	  echo "$$want" > $@; \
 	fi
-	@touch $@
+
+# The update signing key (image/bundle.py, docs/updates.md) stays on the build host, in $(CACHE), never in the
+# repository; the image carries its public half, so it accepts the bundles this host signs.
+UPDATE_KEY_DIR ?= $(CACHE)/update-key
+$(IMAGE_STAGE)/keys/update-pubring.gpg: FORCE_CHECK
+	@mkdir -p $(@D)
+	@$(PYTHON) image/bundle.py key --dir $(UPDATE_KEY_DIR) >/dev/null
+	@cmp -s $(UPDATE_KEY_DIR)/update-pubring.gpg $@ || cp -f $(UPDATE_KEY_DIR)/update-pubring.gpg $@
 
 # mkosi's caches (packages, the incremental tree) live in $(CACHE); the apt sources come from this host.
 IMAGE_TREE_CACHE := $(IMAGE_CACHE)/mkosi$(VOICE_SUFFIX)
 
-$(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok
+$(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok \
+	  $(IMAGE_STAGE)/.version $(IMAGE_STAGE)/keys/update-pubring.gpg
 	@command -v mkosi >/dev/null || { echo "image: mkosi is not installed (hint: run make image-deps)"; exit 1; }
 	@mkdir -p $(IMAGE_DIR) $(IMAGE_TREE_CACHE) $(IMAGE_CACHE)/packages
 	@rm -rf $(IMAGE_CACHE)/pkgmngr && $(PYTHON) image/aptsources.py image --release $(IMAGE_RELEASE) \
@@ -117,12 +155,14 @@ $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.sou
 	if ! mkosi $$force \
 	  --release=$(IMAGE_RELEASE) \
 	  $(if $(VOICE_SUFFIX),,--include=image/voice.conf) \
+	  --image-version=$(IMAGE_VERSION) \
+	  $(if $(filter 1,$(IMAGE_BROKEN)),--environment=LLMOS_TEST_BROKEN=1) \
 	  --package-manager-tree=$(IMAGE_CACHE)/pkgmngr \
 	  --cache-dir=$(IMAGE_TREE_CACHE) \
 	  --package-cache-dir=$(IMAGE_CACHE)/packages \
 	  --output-dir=$(IMAGE_DIR) \
 	  $$(ls $(IMAGE_DEBS)/*.deb >/dev/null 2>&1 && echo --package-directory=$(IMAGE_DEBS)) \
-	  --build-sources=$(IMAGE_WHEELS):wheels,$(IMAGE_STAGE)/model:model \
+	  --build-sources=$(IMAGE_WHEELS):wheels,$(IMAGE_STAGE)/model:model,$(IMAGE_STAGE)/keys:keys \
 	  build 2>&1 | tee $(IMAGE_DIR)/build.log | { grep --line-buffered -E '^‣|llmos postinst' || true; }; then \
 	  tail -n 30 $(IMAGE_DIR)/build.log; echo "image: mkosi failed (hint: the whole log is $(IMAGE_DIR)/build.log)"; \
 	  exit 1; \
@@ -130,11 +170,19 @@ $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.sou
 	test -f $@ || { echo "image: mkosi did not write $@ (hint: read $(IMAGE_DIR)/build.log)"; exit 1; }; \
 	echo "$$sources" > $(IMAGE_TREE_CACHE)/.sources; \
 	bmaptool create -o $@.bmap $@; \
-	echo "== image: $@ built in $$(( $$(date +%s) - start )) s:" \
+	echo "== image: $@ version $(IMAGE_VERSION) built in $$(( $$(date +%s) - start )) s:" \
 	  "$$(du -h --apparent-size $@ | cut -f1) apparent, $$(du -h $@ | cut -f1) on disk"
 	@touch $@
 
 image: $(IMAGE)
+
+# An update for devices running an earlier version: the image built as IMAGE_VERSION (give a higher one than the
+# devices run), then its root slot and UKI, SHA256SUMS and its signature in build/update/<version>/ (image/bundle.py).
+# NO_XZ=1 leaves the root image uncompressed (1 GiB, but no minutes of xz; the image tests use it).
+UPDATE_DIR := build/update
+update-bundle: $(IMAGE)
+	$(PYTHON) image/bundle.py make --image $(IMAGE) --key-dir $(UPDATE_KEY_DIR) --out $(UPDATE_DIR) \
+	  $(if $(filter 1 yes true,$(NO_XZ)),--no-xz)
 
 # Compressed copy for distribution (and the size measurement); flash.py writes .raw (with .bmap) only.
 image-xz: $(IMAGE)

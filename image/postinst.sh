@@ -47,6 +47,13 @@ if [ "${LLMOS_VOICE:-0}" != 1 ]; then
 fi
 echo "llmos postinst: $project into the venv, $(du -sh "$BUILDROOT$venv" | cut -f1)"
 
+# The public half of the build host's update key (image/bundle.py): `llmos update` accepts bundles it signed.
+if [ -f "$SRCDIR/keys/update-pubring.gpg" ]; then
+    install -D -m 0644 "$SRCDIR/keys/update-pubring.gpg" "$BUILDROOT/usr/share/llmos/update-pubring.gpg"
+else
+    echo "llmos postinst: no update key given: this image accepts no update" >&2
+fi
+
 echo "llmos postinst: installing the model ($(du -h "$model" | cut -f1))"
 install -D -m 0644 "$model" "$BUILDROOT/usr/share/llmos/models/default.gguf"
 
@@ -60,7 +67,13 @@ fi
 mkosi-chroot passwd --lock root >/dev/null
 
 mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-factory-reset.path \
-    llmos-boot-analysis.service
+    llmos-boot-analysis.service llmos-io-report.service llmos-health.service llmos-update.path
+# The ESP is written only to bless a new UKI and by updates (docs/updates.md): not at every boot for a random seed
+# (systemd-boot passes the firmware's randomness to the kernel itself), and systemd-boot is updated by an update.
+# Updates run when a person asks (`llmos update`), never by systemd's own timers (Debian's presets would enable them:
+# a periodic update, and a reboot at a time nobody chose).
+mkosi-chroot systemctl mask systemd-boot-random-seed.service systemd-boot-update.service \
+    systemd-sysupdate.timer systemd-sysupdate-reboot.timer
 # The product owns ttyS0: no login prompt there, nor on the display (root is locked: nobody logs in). Nothing asks
 # questions at boot. apt's timers would only fail on the read-only root.
 mkosi-chroot systemctl mask serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service
@@ -79,6 +92,16 @@ for kernel in "$BUILDROOT"/boot/vmlinuz-*; do
         ln -sfn "../../../../boot/vmlinuz-$kver" "$BUILDROOT/usr/lib/modules/$kver/vmlinuz"
     fi
 done
+
+# A deliberately broken build for the image tests of updates (make image IMAGE_BROKEN=1, tests/image/test_update.py):
+# the supervisor exits 1 at every start, so the health gate fails and boot counting must roll the update back.
+if [ "${LLMOS_TEST_BROKEN:-0}" = 1 ]; then
+    mkdir -p "$BUILDROOT/usr/lib/systemd/system/llmos.service.d"
+    printf '%s\n' "# image/postinst.sh, IMAGE_BROKEN=1: a broken build for the rollback test" "[Service]" "ExecStart=" \
+        "ExecStart=/bin/sh -c 'echo llmos: this build is broken on purpose (IMAGE_BROKEN=1); exit 1'" \
+        > "$BUILDROOT/usr/lib/systemd/system/llmos.service.d/90-test-broken.conf"
+    echo "llmos postinst: BROKEN ON PURPOSE (IMAGE_BROKEN=1): the supervisor exits 1"
+fi
 
 # An empty machine-id file gives PID 1 something to bind-mount the run-time ID over on the read-only root.
 : > "$BUILDROOT/etc/machine-id"

@@ -54,7 +54,9 @@ def make_stick(out: Path, files: Mapping[str, Path | bytes], label: str = "MODEL
                 sources[name] = content
             else:
                 raise StickError(f"no file at {content}", "name an existing file")
-        size = SLACK_BYTES + sum(p.stat().st_size + 4096 for p in sources.values())
+        data = sum(p.stat().st_size + 4096 for p in sources.values())
+        # FAT32 (mkfs picks it for large sticks) keeps two allocation tables of about 0.1 % of the size each
+        size = SLACK_BYTES + data + data // 256
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
         # -C creates the image file; its size is given in KiB. FAT16 from 16 MiB up, FAT12 below: both plain vfat.

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -296,6 +297,36 @@ def cmd_factory_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """The boot's health gate (llmos-health.service): exit 0 once the supervisor is ready without a restart."""
+    from llmos_edge import health
+
+    v = health.wait(_socket(args), args.wait, unit=args.unit)
+    print(f"llmos health: {'good' if v.healthy else 'bad'}: {v.reason}", file=sys.stdout if v.healthy else sys.stderr)
+    return 0 if v.healthy else 1
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    """Verify a bundle, install it with systemd-sysupdate, wait until idle (root; llmos-update.service)."""
+    from llmos_edge import health, update
+
+    where = update.take_request(Path(args.request)) if args.request else Path(args.path or "")
+    if not args.request and not args.path:
+        raise UserError("update needs a bundle directory (or --request FILE)", "llmos update /media/UPDATE/0.2.0")
+    print(f"llmos update: verifying the bundle in {where}", flush=True)
+    bundle = update.stage(where, Path(args.staging), Path(args.keyring))
+    print(f"llmos update: version {bundle.version} verified ({', '.join(sorted(bundle.files))})", flush=True)
+    if args.no_install:
+        return 0
+    print(update.install(), flush=True)
+    print(f"llmos update: version {bundle.version} installed in the other slot", flush=True)
+    shutil.rmtree(Path(args.staging) / "verified", ignore_errors=True)  # written to the slot: the copy can go
+    if not update.wait_idle(lambda: health.supervisor_status(_socket(args)), args.wait_idle):
+        print(f"llmos update: still busy after {args.wait_idle:.0f} s; restarting anyway", flush=True)
+    print(f"llmos update: restarting into version {bundle.version}", flush=True)
+    return 0
+
+
 def cmd_config_reference(_args: argparse.Namespace) -> int:
     print(reference(), end="")
     return 0
@@ -447,6 +478,34 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--arm", action="store_true", help="(root, run by llmos-factory-reset.service) arm the request")
     fr.add_argument("--efivars", default=str(factory_reset.EFIVARS), help=argparse.SUPPRESS)
     fr.set_defaults(func=cmd_factory_reset)
+
+    he = sub.add_parser(
+        "health",
+        help="the boot's health gate: wait until the supervisor is ready without a restart (exit 0) or is not (1)",
+        description="Run by llmos-health.service before boot-complete.target: a new version's boot counts as good "
+        "(systemd-bless-boot keeps it) only when the supervisor reached READY, its model answered the self-test, "
+        "and systemd never had to restart it. See docs/updates.md.",
+    )
+    he.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="how long to wait (default: look once)")
+    he.add_argument("--unit", default="llmos.service", help="the supervisor's systemd unit")
+    socket_arguments(he)
+    he.set_defaults(func=cmd_health)
+
+    up = sub.add_parser(
+        "update",
+        help="(root) verify a signed update bundle and install it into the other system slot",
+        description="Checks SHA256SUMS.gpg against the image's update key and every file against SHA256SUMS while "
+        "copying it to /var, runs systemd-sysupdate, then waits until no request is being answered; "
+        "llmos-update.service then reboots into the new version. See docs/updates.md.",
+    )
+    up.add_argument("path", nargs="?", metavar="BUNDLE_DIR", help="the bundle (a directory made by make update-bundle)")
+    up.add_argument("--request", metavar="FILE", help="take the bundle directory from a request file (and remove it)")
+    up.add_argument("--staging", default="/var/lib/llmos-update", help=argparse.SUPPRESS)
+    up.add_argument("--keyring", default="/usr/share/llmos/update-pubring.gpg", help=argparse.SUPPRESS)
+    up.add_argument("--no-install", action="store_true", help="verify and stage only")
+    up.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS", help="longest wait for idle")
+    socket_arguments(up)
+    up.set_defaults(func=cmd_update)
 
     ref = sub.add_parser("config-reference", help="print every config key with its default, as Markdown")
     ref.set_defaults(func=cmd_config_reference)

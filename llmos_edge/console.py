@@ -55,6 +55,8 @@ Commands:
   /memory      what the conversation memory holds; /memory forget [SOURCE|all] deletes it (this console's
                by default)
   /json        machine mode for programs: JSON lines in and out (docs/protocol.md); /human comes back
+  /update PATH    install the signed update bundle in directory PATH (a USB stick: /media/LABEL/...) into
+                  the other system slot and restart into it; it rolls back by itself if it does not work
   /factory-reset  erase /var (database, installed models, config overrides) and restart; asks to confirm"""
 LEAVE_S = 5.0  # leaving machine mode: how long the cancelled requests' done events are waited for
 
@@ -239,7 +241,9 @@ class Console:
         teaching: Teaching | None = None,
         memory: Memory | None = None,
         request_reset: Callable[[], str] | None = None,
+        request_update: Callable[[str], str] | None = None,
     ) -> None:
+        self.request_update = request_update  # `/update PATH`: asks for the update, returns what happens next
         self.teaching, self.memory = teaching, memory  # learning (issue 15): /teach, /forget, /taught, /memory
         self.model = model  # `/model ...`: the supervisor's model_command
         # `/factory-reset`, once confirmed: asks for the reset and returns what happens next
@@ -525,6 +529,11 @@ class Console:
         elif name == "/consolidate" and self.model is not None:
             self._model(f"consolidate {arg}".strip())  # the supervisor's model_command runs the job's command
             return
+        elif name == "/update" and self.request_update is not None:
+            try:
+                self.write(self.request_update(arg) + "\n")
+            except UserError as e:
+                self.write(f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "") + "\n")
         elif name == "/factory-reset" and self.request_reset is not None:
             self._confirming = True
             self.write(factory_reset.WARNING + "\n")

@@ -93,6 +93,8 @@ class Status:
     database_ring: str = ""  # the request ring's state (store.py), when request rows are committed in batches
     learning: str = ""  # taught pairs and conversation memory, in a line (learning.py, memory.py)
     flash: str = ""  # bytes written to the database's partition (wear.py), in a line
+    idle: bool = False  # no request running or waiting: an installed update may reboot now (update.py)
+    system: str = ""  # the running version and the other root slot's (update.py), in a line
 
     @property
     def ready(self) -> bool:
@@ -149,6 +151,8 @@ def lines(s: Status) -> list[str]:
     out.append(s.voice)
     if s.learning:
         out.append(s.learning)
+    if s.system:
+        out.append(s.system)
     out.append(f"uptime: {duration(s.uptime_s)}; engine restarts: {s.restarts}")
     out.append("queue: " + ", ".join(f"{k} {v}" for k, v in s.queue.items()))
     out.append(

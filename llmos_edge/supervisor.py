@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from llmos_edge import __version__, factory_reset
+from llmos_edge import __version__, factory_reset, update
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
 from llmos_edge.consolidation import Consolidation
@@ -192,6 +192,7 @@ class Supervisor:
                 teaching=self.teaching,
                 memory=self.memory,
                 request_reset=self.request_factory_reset,
+                request_update=self.request_update,
             )
         self.http: HttpApi | None = None
         if self.metrics is not None:
@@ -347,6 +348,8 @@ class Supervisor:
             database_ring=self.store.ring_line(),
             learning=self._learning_line(),
             flash=self.wear.line(),
+            idle=self.scheduler.idle,
+            system=update.system_line(),
         )
 
     def _learning_line(self) -> str:
@@ -409,6 +412,17 @@ class Supervisor:
         self.store.event("factory_reset_requested", f"request {path}")
         log.warning("factory reset requested on the console (%s)", path)
         return "factory reset requested: the device restarts now and erases /var as it boots"
+
+    def request_update(self, bundle_dir: str) -> str:
+        """`/update PATH`: write the request (update.py); on the device a root unit verifies and installs the bundle,
+        then reboots once no request is being answered. Raises UserError."""
+        path = update.request(self.cfg.database.path, bundle_dir)
+        self.store.event("update_requested", f"bundle {bundle_dir.strip()}, request {path}")
+        log.warning("update requested on the console from %s", bundle_dir.strip())
+        return (
+            f"update requested from {bundle_dir.strip()}: it is verified and installed into the other slot, then the "
+            "device restarts into it (the previous version comes back by itself if the new one does not work)"
+        )
 
     def log_lines(self, n: int) -> list[str]:
         return [format_request(r) for r in self.store.recent_requests(n)]

@@ -37,7 +37,7 @@ PROMPT = b"llmos> "
 ANSWER_END = b"\r\n" + PROMPT
 ARTIFACTS = ROOT / "build" / "image-test"
 BOOT_TIMEOUT = float(os.environ.get("LLMOS_BOOT_TIMEOUT", "900"))
-TEST_DISK_BYTES = 2 << 30  # bigger than the image, so var has room to grow at first boot
+TEST_DISK_BYTES = 4 << 30  # bigger than the image (2.5 GiB: two 1 GiB root slots), so var grows at first boot
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -262,7 +262,7 @@ VOICE_NOT_INSTALLED = (
 
 @pytest.fixture(scope="session")
 def disk(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the image, grown to 2 GiB like a card bigger than the image: the tests may power-cut it
+    """A private copy of the image, grown to 4 GiB like a card bigger than the image: the tests may power-cut it
     and the built image stays untouched."""
     return card(image, tmp_path_factory.mktemp("disk") / "disk.raw")
 
@@ -334,8 +334,66 @@ def partitions(img: Path) -> dict[str, dict[str, int]]:
     }
 
 
+ROOT_PREFIX = "root_"  # root slots are labelled root_<version> (image/repart/10-root.conf); an empty one _empty
+
+
+def root_label(img: Path) -> str:
+    """The label of the one installed root slot of a disk that no update has touched (the other slot is _empty)."""
+    labels = [label for label in partitions(img) if label.startswith(ROOT_PREFIX)]
+    if len(labels) != 1:
+        raise AssertionError(f"{img}: expected one root slot labelled {ROOT_PREFIX}<version>, found {labels}")
+    return labels[0]
+
+
+def image_version(img: Path) -> str:
+    """The version the image was built as (its root slot's label)."""
+    return root_label(img).removeprefix(ROOT_PREFIX)
+
+
+def esp_files(img: Path, directory: str = "/EFI/Linux") -> list[str]:
+    """File names in a directory of the disk's ESP, read with mtools (no mount, no root)."""
+    offset = partitions(img)["esp"]["start"]
+    out = subprocess.run(
+        ["mdir", "-b", "-i", f"{img}@@{offset}", f"::{directory}"], check=True, capture_output=True, text=True
+    ).stdout
+    return sorted(Path(line.strip()).name for line in out.splitlines() if line.strip())
+
+
+def bless(img: Path) -> str:
+    """Rename the disk's counted UKI (`name+N.efi`) to its plain name, as systemd-bless-boot does once a boot passed
+    the health gate (docs/updates.md): a card whose version was already accepted. For tests about something else
+    that a new version's first boot would count against it (a supervisor stopped on purpose fails the gate, and the
+    gate reboots). Returns the plain name."""
+    offset = partitions(img)["esp"]["start"]
+    counted = [f for f in esp_files(img) if "+" in f]
+    assert len(counted) == 1, f"expected one counted UKI on the ESP: {esp_files(img)}"
+    plain = counted[0].split("+")[0] + ".efi"
+    subprocess.run(
+        ["mren", "-i", f"{img}@@{offset}", f"::/EFI/Linux/{counted[0]}", f"::/EFI/Linux/{plain}"],
+        check=True,
+        capture_output=True,
+    )
+    return plain
+
+
+def extract_root(img: Path, label: str, dest: Path) -> Path:
+    """The files of a root slot (erofs) under `dest`, extracted by erofs-utils without mounting."""
+    part = partitions(img)[label]
+    erofs = dest.with_suffix(".erofs")
+    with img.open("rb") as src, erofs.open("wb") as dst:
+        src.seek(part["start"])
+        left = part["size"]
+        while left:
+            chunk = src.read(min(left, 8 << 20))
+            dst.write(chunk)
+            left -= len(chunk)
+    subprocess.run(["fsck.erofs", f"--extract={dest}", str(erofs)], check=True, capture_output=True)
+    erofs.unlink()
+    return dest
+
+
 def root_digest(disk: Path) -> str:
-    part = partitions(disk)["root"]
+    part = partitions(disk)[root_label(disk)]
     h = hashlib.sha256()
     with disk.open("rb") as f:
         f.seek(part["start"])

@@ -1,9 +1,11 @@
 """Factory reset on the image, over the console: the data written on var before is gone after, the device starts
 with the default config and a new database, the root (the installed version) is untouched.
 
-Two boots of a disk of its own, with a UEFI variable store kept between them like a board's NVRAM (the reset is
+Three boots of a disk of its own, with a UEFI variable store kept between them like a board's NVRAM (the reset is
 armed through the FactoryReset EFI variable): the first writes data and asks for the reset, the reboot it causes
-ends that QEMU (-no-reboot), the second boot's initrd erases var (systemd-repart, image/initrd/).
+ends that QEMU (-no-reboot); the second boot's initrd erases var (systemd-repart, image/initrd/) and restarts once
+(repart 254's partition table reread takes the root device away from under sysroot.mount: see docs/updates.md), so
+that QEMU exits too; the third is an ordinary boot on the new var.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import serial
 from conftest import (
     ARTIFACTS,
+    BOOT_TIMEOUT,
     Boot,
     boot,
     card,
@@ -28,12 +32,14 @@ from conftest import (
     measure,
     partitions,
     root_digest,
+    start,
     write_to_var,
 )
 
 OVERRIDE = "model:\n  max_tokens: 48\n"  # a config override on var: /status names it among the config sources
 OVERRIDE_PATH = "/var/lib/llmos/llmos.yaml"
 REBOOT_TIMEOUT = 300  # the guest stops the supervisor and reboots; QEMU (-no-reboot) then exits
+RESET_MARKER = b"llmos-factory-reset: done; restarting once"  # the initrd's reset script, on the serial console
 
 
 @dataclass
@@ -105,6 +111,29 @@ def test_the_confirmed_reset_restarts_the_device(before_reset: Boot, reset_disk:
     )
 
 
+def test_the_reset_boot_erases_var_in_the_initrd_and_restarts_once(reset_disk: ResetDisk) -> None:
+    """The initrd's journal is gone with the restart (it lives in /run), so the serial console is the record."""
+    vm, console = start(reset_disk.disk, "reset", efi_vars=reset_disk.efi_vars)
+    try:
+        out = console.read_until(RESET_MARKER, BOOT_TIMEOUT)
+        measure("factory_reset_boot_to_restart_s", round(time.monotonic() - vm.started_at, 1))
+        deadline = time.monotonic() + REBOOT_TIMEOUT
+        assert vm.proc is not None
+        while vm.proc.poll() is None:  # keep reading the console until QEMU exits (-no-reboot)
+            try:
+                out += console.read_some(1.0)
+            except serial.SerialException:  # QEMU closes the console's socket as it exits
+                vm.wait(max(1.0, deadline - time.monotonic()))
+            assert time.monotonic() < deadline, "the reset boot did not restart"
+    finally:
+        console.close()
+        vm.close()
+    text = out.decode("utf-8", "replace")
+    assert "llmos-factory-reset: erasing var" in text, text[-2000:]
+    assert "Successfully unset EFI variable FactoryReset." in text, "repart left the reset armed: " + text[-2000:]
+    assert "emergency mode" not in text, text[-2000:]
+
+
 def test_after_the_reset_var_is_new_with_the_default_config_and_an_empty_database(
     reset_disk: ResetDisk, tmp_path: Path
 ) -> None:
@@ -132,6 +161,9 @@ def test_after_the_reset_var_is_new_with_the_default_config_and_an_empty_databas
     assert part_uuid(disk, "var") != uuid_before
     assert partitions(disk)["var"] == var_before
     assert root_digest(disk) == reset_disk.root_digest, "the read-only root partition changed"
-    log = journal(disk, tmp_path / "j", "-o", "cat")
-    assert "llmos-factory-reset: erasing var" in log, "the initrd's reset unit did not run"
-    assert "Successfully unset EFI variable FactoryReset." in log, "repart left the reset armed"
+    # The boot after the reset is an ordinary one and the first var has seen: no second reset (the EFI variable
+    # was unset), nothing of the reset boot's (it never mounted the root, let alone var).
+    boots = journal(disk, tmp_path / "j", "--list-boots", "-q").strip().splitlines()
+    assert len(boots) == 1, boots
+    log = journal(disk, tmp_path / "j2", "-o", "cat")
+    assert "llmos-factory-reset: erasing var" not in log, "the reset ran again at the ordinary boot"

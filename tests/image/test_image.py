@@ -30,12 +30,16 @@ from conftest import (
     boot,
     card,
     copy_from_var,
+    esp_files,
+    extract_root,
     heldout,
     host_answers,
+    image_version,
     journal,
     measure,
     partitions,
     root_digest,
+    root_label,
 )
 
 from llmos_edge import netpolicy
@@ -300,6 +304,17 @@ def test_root_is_read_only_and_var_grew_at_first_boot(disk: Path, tmp_path: Path
     measure("var_mib_after_first_boot", first_after)
 
 
+def test_the_first_boot_was_counted_and_blessed(image: Path, disk: Path, tmp_path: Path) -> None:
+    """The image's UKI carries 3 tries (llmos-edge_<version>+3.efi); the first boot's health gate passed, so
+    systemd-bless-boot renamed it to the plain name: a good boot (docs/updates.md)."""
+    version = image_version(image)
+    assert f"llmos-edge_{version}+3.efi" in esp_files(image), esp_files(image)
+    assert esp_files(disk) == [f"llmos-edge_{version}.efi"], esp_files(disk)
+    log = journal(disk, tmp_path / "j", "-u", "llmos-health.service", "-u", "systemd-bless-boot.service", "-o", "cat")
+    assert "llmos health: good: ready and serving" in log, log
+    assert re.search(r"Finished .*Mark the Current Boot Loader Entry as Good", log), log
+
+
 def test_boot_time_to_ready_in_the_guest(disk: Path, tmp_path: Path) -> None:
     """Guest uptime at READY=1 (systemd logs 'Started' for a Type=notify unit when READY arrives), for every
     boot whose journal reached the disk (the power-cut boot's may not have)."""
@@ -307,6 +322,32 @@ def test_boot_time_to_ready_in_the_guest(disk: Path, tmp_path: Path) -> None:
     ready = [float(t) for t in re.findall(r"^\[\s*([\d.]+)\].*Started llmos", log, re.M)]
     assert ready, log
     measure("boot_guest_uptime_at_ready_s", ready)
+
+
+def test_two_root_slots_of_one_size_with_var_last(image: Path) -> None:
+    """esp | root_<version> | _empty | var: slot B is as large as slot A, so any update fits, and var stays last to
+    grow. The UKI boots its own slot by label."""
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(image)], check=True, capture_output=True).stdout)
+    parts = table["partitiontable"]["partitions"]
+    version = image_version(image)
+    assert [p.get("name") for p in parts] == ["esp", f"root_{version}", "_empty", "var"], parts
+    root_type = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # x86-64 root (the Discoverable Partitions Specification)
+    assert parts[1]["type"] == parts[2]["type"] == root_type, parts
+    assert parts[1]["size"] == parts[2]["size"], parts
+
+
+def test_systemd_254_with_sysupdate_in_the_image(image: Path, tmp_path: Path) -> None:
+    """systemd from bookworm-backports (254): mkosi's manifest of the image, and its own systemd-sysupdate run."""
+    manifest = json.loads(image.with_suffix(".manifest").read_text())
+    versions = {p["name"]: p["version"] for p in manifest["packages"]}
+    for name in ("systemd", "udev", "libsystemd0", "systemd-container", "systemd-boot", "systemd-boot-efi"):
+        assert versions.get(name, "").startswith("254."), (name, versions.get(name))
+    root = extract_root(image, root_label(image), tmp_path / "root")
+    out = subprocess.run(
+        ["chroot", str(root), "/usr/lib/systemd/systemd-sysupdate", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("systemd 254 "), (out.returncode, out.stdout, out.stderr)
+    measure("image_systemd", out.stdout.splitlines()[0])
 
 
 def exposure(root: Path) -> float:
@@ -324,17 +365,7 @@ def exposure(root: Path) -> float:
 def test_the_service_sandbox_with_and_without_http(image: Path, tmp_path: Path) -> None:
     """systemd-analyze security over the image's own root: the shipped unit (no network) and the unit with the
     drop-in `llmos net-setup` writes for HTTP on every interface (the most open case)."""
-    part = partitions(image)["root"]
-    erofs = tmp_path / "root.erofs"
-    with image.open("rb") as src, erofs.open("wb") as dst:
-        src.seek(part["start"])
-        left = part["size"]
-        while left:
-            chunk = src.read(min(left, 8 << 20))
-            dst.write(chunk)
-            left -= len(chunk)
-    root = tmp_path / "root"
-    subprocess.run(["fsck.erofs", f"--extract={root}", str(erofs)], check=True, capture_output=True)
+    root = extract_root(image, root_label(image), tmp_path / "root")
     closed = exposure(root)
     cfg = dataclasses.replace(Config(), http=HttpConfig(enabled=True, listen="0.0.0.0:8080", token="t"))
     dropins = root / "etc/systemd/system/llmos.service.d"

@@ -1,6 +1,8 @@
 """systemd's watchdog in the image (issue 5): a SIGSTOPped supervisor sends no WATCHDOG=1, so systemd kills it
 after WatchdogSec= and starts it again; the database's `starts` rows show it. The stop is done inside the guest
-by llmos-test-sigstop.service, which runs only when QEMU passes its credential over SMBIOS."""
+by llmos-test-sigstop.service, which runs only when QEMU passes its credential over SMBIOS. The card is one whose
+version was already accepted (its UKI blessed): on a new version's first boot the health gate would rightly count
+the watchdog's restart against it and reboot (tests/image/test_update.py covers the gate)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Boot, boot, card, copy_from_var, wait_ready
+from conftest import Boot, bless, boot, card, copy_from_var, esp_files, wait_ready
 
 CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop=1"]
 
@@ -17,6 +19,7 @@ CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop
 def test_a_sigstopped_supervisor_is_restarted_by_systemd(image: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     card(image, disk)
+    blessed = bless(disk)
     b: Boot = boot(disk, "watchdog", extra=CREDENTIAL)
     try:
         # The fault unit stops the supervisor right after READY; WatchdogSec=30 later systemd kills it and starts a
@@ -36,6 +39,7 @@ def test_a_sigstopped_supervisor_is_restarted_by_systemd(image: Path, tmp_path: 
     assert len(starts) == 2, starts
     assert starts[0][1] is None, "the stopped supervisor cannot have recorded a clean stop"
     assert starts[1][2] == "SIGTERM", "the restarted supervisor stopped cleanly at power-off"
+    assert blessed in esp_files(disk), "one boot, no reboot by the health gate"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,233 @@
+"""A/B updates on the image (docs/updates.md), over the console like a person with a USB stick, and checked on the
+disk afterwards.
+
+The image under test runs version V. Two bundles are built from the same configuration (`make update-bundle`):
+V.1, a good update, and V.2, built with IMAGE_BROKEN=1 (its supervisor exits 1 at every start). One disk, one UEFI
+variable store kept between boots like a board's NVRAM (boot counting lives in the ESP's file names and systemd-boot's
+variables); QEMU runs with -no-reboot, so every reboot of the guest ends a QEMU run and the test starts the next.
+  1. V with the good stick: `/update /media/UPDATE`; the device verifies, installs and reboots.
+  2. V.1 boots (its UKI counted: +3), passes the health gate, is blessed; /status names V.1 and the other slot V;
+     what was asked before the update is still in the database.
+  3. the broken stick: `/update`; V.2 boots and fails its gate three times (each failure reboots), then systemd-boot
+     falls back to V.1 by itself, which answers again; V.2's UKI is left with no tries.
+Building the two bundles takes a few minutes (warm mkosi cache); the boots 15-25 minutes under TCG.
+
+Environment: LLMOS_MAKE_ARGS, extra `make` arguments for building the bundles the way the image was built (for
+example IMAGE_CACHE=... IMAGE_WHEELS=... UPDATE_KEY_DIR=... when the image was built with private caches);
+LLMOS_UPDATE_BUNDLES, a directory that keeps the bundles between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import serial
+import usbstick
+from conftest import (
+    ARTIFACTS,
+    PROMPT,
+    ROOT,
+    Boot,
+    boot,
+    card,
+    copy_from_var,
+    esp_files,
+    image_version,
+    journal,
+    measure,
+    partitions,
+    start,
+    wait_ready,
+)
+
+INSTALL_TIMEOUT = 1800  # verify 1 GiB and write it to the slot under TCG, then the clean reboot
+FAILED_BOOT_TIMEOUT = 900  # a broken boot: up to the gate's failure and the reboot it causes
+
+
+def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the bundles are built: LLMOS_UPDATE_BUNDLES keeps them between runs (a bundle already there, in
+    update/<version>/, is used as it is: remove the directory after changing the image), else a temporary one."""
+    kept = os.environ.get("LLMOS_UPDATE_BUNDLES")
+    return Path(kept).resolve() if kept else tmp_path_factory.mktemp("bundles")
+
+
+def build_bundle(version: str, out: Path, broken: bool) -> Path:
+    """`make update-bundle` for `version` into a build directory of its own (the image under test stays)."""
+    bundle = out / "update" / version
+    if (bundle / "SHA256SUMS.gpg").is_file():
+        return bundle
+    args = [
+        "make",
+        "-C",
+        str(ROOT),
+        "update-bundle",
+        f"IMAGE_VERSION={version}",
+        f"IMAGE_DIR={out / ('image-' + version)}",
+        f"UPDATE_DIR={out / 'update'}",
+        "NO_XZ=1",
+        *(["IMAGE_BROKEN=1"] if broken else []),
+        *shlex.split(os.environ.get("LLMOS_MAKE_ARGS", "")),
+    ]
+    start_s = time.monotonic()
+    subprocess.run(args, check=True)
+    measure(f"update_bundle_build_s_{'broken' if broken else 'good'}", round(time.monotonic() - start_s, 1))
+    return bundle
+
+
+def stick_of(bundle_dir: Path, out: Path) -> Path:
+    return usbstick.make_stick(out, {p.name: p for p in sorted(bundle_dir.iterdir())}, label="UPDATE")
+
+
+@pytest.fixture(scope="module")
+def versions(image: Path) -> tuple[str, str, str]:
+    v = image_version(image)
+    return v, f"{v}.1", f"{v}.2"  # later versions sort higher (systemd's version comparison)
+
+
+@pytest.fixture(scope="module")
+def good_stick(versions: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = bundles_dir(tmp_path_factory)
+    return stick_of(build_bundle(versions[1], out, broken=False), tmp_path_factory.mktemp("sticks") / "good.raw")
+
+
+@pytest.fixture(scope="module")
+def broken_stick(versions: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = bundles_dir(tmp_path_factory)
+    return stick_of(build_bundle(versions[2], out, broken=True), tmp_path_factory.mktemp("sticks") / "broken.raw")
+
+
+@pytest.fixture(scope="module")
+def device(image: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("ab")
+    return card(image, tmp / "disk.raw"), tmp / "efi-vars.fd"
+
+
+def system_line(b: Boot) -> str:
+    text = b.console.ask("/status", timeout=60)
+    m = re.search(r"^system: .*$", text, re.M)
+    assert m, text
+    return m.group(0)
+
+
+def wait_blessed(disk: Path, uki: str, timeout: float = 300) -> None:
+    """Wait until the running boot's UKI is renamed to `uki` (no counter): the health gate passed and
+    systemd-bless-boot wrote the ESP, which the host reads from the disk file while the guest runs."""
+    deadline = time.monotonic() + timeout
+    files: list[str] = []
+    while uki not in files:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{uki} was not blessed within {timeout:.0f} s; the ESP has {files}")
+        time.sleep(5)
+        try:
+            files = esp_files(disk)
+        except subprocess.CalledProcessError:  # caught mid-write: look again
+            files = []
+
+
+def update_and_wait_for_the_reboot(b: Boot, stick_path: str = "/media/UPDATE") -> float:
+    said = b.console.ask(f"/update {stick_path}")
+    assert said.startswith(f"update requested from {stick_path}"), said
+    assert b.vm is not None
+    start_s = time.monotonic()
+    b.vm.wait(INSTALL_TIMEOUT)  # the guest rebooted after installing: QEMU runs with -no-reboot
+    b.console.close()
+    b.vm.close()
+    return time.monotonic() - start_s
+
+
+def test_a_good_update_installs_and_is_kept(
+    device: tuple[Path, Path], good_stick: Path, versions: tuple[str, str, str], tmp_path: Path
+) -> None:
+    disk, efi_vars = device
+    old, new, _ = versions
+    first = boot(disk, "update-first", efi_vars=efi_vars, usb_stick=good_stick)
+    try:
+        assert system_line(first) == f"system: version {old}; other slot: empty"
+        assert first.console.ask("reverse before") == "erofeb"  # a request that must survive the update
+        measure("update_install_to_reboot_s", round(update_and_wait_for_the_reboot(first), 1))
+    finally:
+        if first.vm is not None:
+            first.vm.close()
+    second = boot(disk, "update-second", efi_vars=efi_vars)
+    try:
+        measure("update_boot_wall_s_to_ready", round(second.wall_s, 1))
+        assert system_line(second) == f"system: version {new}; other slot: version {old}"
+        assert second.console.ask("ping") == "pong"
+        wait_blessed(disk, f"llmos-edge_{new}.efi")  # a power-off before that would spend one of its tries
+        second.shutdown()
+    finally:
+        if second.vm is not None:
+            second.vm.close()
+    labels = list(partitions(disk))
+    assert labels == ["esp", f"root_{old}", f"root_{new}", "var"], labels
+    # the new UKI passed its health gate and was blessed (no counter left); the old one stays for a rollback
+    assert esp_files(disk) == sorted([f"llmos-edge_{old}.efi", f"llmos-edge_{new}.efi"]), esp_files(disk)
+    db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
+    prompts = {r[0] for r in db.execute("SELECT prompt FROM requests")}
+    assert {"reverse before", "ping"} <= prompts, prompts
+    log = journal(disk, tmp_path / "j", "-u", "llmos-update.service", "-o", "cat")
+    assert f"llmos update: version {new} verified" in log and f"version {new} installed" in log, log
+
+
+def test_a_broken_update_rolls_back_by_itself(
+    device: tuple[Path, Path], broken_stick: Path, versions: tuple[str, str, str], tmp_path: Path
+) -> None:
+    disk, efi_vars = device
+    _, good, broken = versions
+    b = boot(disk, "rollback-request", efi_vars=efi_vars, usb_stick=broken_stick)
+    try:
+        assert system_line(b).startswith(f"system: version {good};")
+        update_and_wait_for_the_reboot(b)
+    finally:
+        if b.vm is not None:
+            b.vm.close()
+    # The broken version boots, its gate fails, it reboots: QEMU exits each time, with no prompt answering. The
+    # boot that reaches the prompt is the fallback.
+    failed = 0
+    started = time.monotonic()
+    while True:
+        vm, console = start(disk, f"rollback-boot-{failed + 1}", efi_vars=efi_vars)
+        seen = bytearray()
+        deadline = time.monotonic() + FAILED_BOOT_TIMEOUT
+        try:
+            while vm.proc is not None and vm.proc.poll() is None and PROMPT not in seen:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"boot {failed + 1} neither rebooted nor reached the prompt")
+                try:
+                    seen += console.read_some(1)
+                except serial.SerialException:  # QEMU closes the console's socket as it exits (the reboot)
+                    vm.wait(max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            console.close()
+            vm.close()
+            raise
+        if PROMPT in seen:
+            break
+        console.close()
+        vm.close()
+        failed += 1
+        assert failed <= 3, "more than 3 failed boots: the broken UKI was tried past its tries"
+    measure("rollback_failed_boots", failed)
+    measure("rollback_s_to_the_good_boot", round(time.monotonic() - started, 1))
+    try:
+        assert failed == 3, f"{failed} failed boots before the fallback (3 tries expected)"
+        wait_ready(console, 900)
+        back = Boot(vm, console, time.monotonic() - vm.started_at)
+        assert system_line(back) == f"system: version {good}; other slot: version {broken}"
+        assert back.console.ask("ping") == "pong"
+        back.shutdown()
+    finally:
+        console.close()
+        vm.close()
+    files = esp_files(disk)
+    assert f"llmos-edge_{good}.efi" in files and f"llmos-edge_{broken}+0-3.efi" in files, files
+    log = journal(disk, tmp_path / "j", "-u", "llmos-health.service", "-o", "cat")
+    assert log.count("llmos health: bad: llmos.service") >= 3, log
+    (ARTIFACTS / "rollback-esp.txt").write_text("\n".join(files) + "\n")
