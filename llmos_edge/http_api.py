@@ -49,6 +49,8 @@ from llmos_edge.status import Status
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes of a request body: a prompt far beyond any context this device holds
+LINGER_BYTES = 16 << 20  # of a refused request's body, read and dropped so that the client reads the refusal
+LINGER_S = 5.0  # and for at most this long
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 IO_TIMEOUT_S = 60.0  # a client that sends nothing (or reads nothing) this long is dropped: a slow-loris bound
 LOADING_RETRY_S = 5  # Retry-After while a model loads
@@ -398,6 +400,25 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, UnicodeDecodeError):
             raise _bad("the body is not valid JSON") from None
 
+    def _linger(self) -> None:
+        """Read and drop the body of a request refused before its body was read (too large, not authorised...), for
+        a bounded time, before the connection closes: closing on a client still sending makes its kernel reset the
+        connection, and the client then sees a broken pipe instead of the refusal it was sent (what web servers call
+        a lingering close)."""
+        try:
+            left = min(int(self.headers.get("Content-Length", "0")), LINGER_BYTES)
+        except ValueError:
+            return
+        deadline = time.monotonic() + LINGER_S
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.settimeout(LINGER_S)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         self.body_read = False
@@ -413,9 +434,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"no such endpoint: {path}", "not_found_error")
             handler(self)
         except ApiError as e:
-            if not self.body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+            unread = not self.body_read and self.headers.get("Content-Length", "0") not in ("", "0")
+            if unread:
                 self.close_connection = True
             self._error(e)
+            if unread:
+                self._linger()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # one request's bad luck must not take the server down
