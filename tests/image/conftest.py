@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "image"))
 
 import usbstick  # noqa: E402
 import vm as vmlib  # noqa: E402
+from bundle import partitions  # noqa: E402  (label -> {start, size} in bytes, from the GPT)
 
 PROMPT = b"llmos> "
 ANSWER_END = b"\r\n" + PROMPT
@@ -324,16 +325,6 @@ def device(disk: Path, serial_url: str, models_stick: Path) -> Iterator[Boot]:
 
 
 # -- reading the disk on the host --------------------------------------------------------------------------
-def partitions(img: Path) -> dict[str, dict[str, int]]:
-    """Partition label -> {start, size} in bytes, from the GPT."""
-    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], check=True, capture_output=True).stdout)
-    sector = int(table["partitiontable"].get("sectorsize", 512))
-    return {
-        p.get("name", ""): {"start": int(p["start"]) * sector, "size": int(p["size"]) * sector}
-        for p in table["partitiontable"]["partitions"]
-    }
-
-
 ROOT_PREFIX = "root_"  # root slots are labelled root_<version> (image/repart/10-root.conf); an empty one _empty
 
 
