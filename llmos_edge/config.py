@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from llmos_edge.durable import write_atomically
 from llmos_edge.errors import UserError
 
 
@@ -686,25 +687,14 @@ def save_last_good(config: Config, path: str | os.PathLike[str]) -> None:
     """Keep `config` as the last configuration that worked: written whole or not at all (a temporary file, fsync,
     rename, fsync of the directory), so a power cut never leaves half a file for the next start to fall back on."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     text = (
         "# The last configuration that loaded and reached READY, saved by llmos-edge. It runs instead when a config\n"
         "# file is broken. Edit the config files, not this one: it is replaced at the next good start.\n" + dump(config)
     )
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(p, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(
             f"cannot save the last good configuration to {p}: {e.strerror}",
             "free space on the database's filesystem; the previous saved configuration (if any) is unchanged",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llmos_edge.durable import write_atomically
 from llmos_edge.errors import UserError
 
 # What a person types to confirm; a word nobody types by accident.
@@ -48,13 +49,8 @@ def request_path(database: str | os.PathLike[str]) -> Path:
 def request(database: str | os.PathLike[str], source: str) -> Path:
     """Ask for a factory reset (step 1). `source` (console, cli) goes into the file, for the journal."""
     path = request_path(database)
-    tmp = path.with_suffix(".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(f"requested by {source}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, f"requested by {source}\n")
     except OSError as e:
         raise UserError(
             f"cannot write the factory reset request {path}: {e.strerror}",

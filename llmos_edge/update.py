@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmos_edge.durable import write_atomically
 from llmos_edge.errors import UserError
 
 REQUEST_NAME = "update.request"  # beside the database: the one directory on var the supervisor may write
@@ -161,13 +162,8 @@ def request(database: str | os.PathLike[str], bundle_dir: str) -> Path:
             f"{where} holds no update bundle (no {SUMS})", "a bundle is a directory made by make update-bundle"
         )
     path = request_path(database)
-    tmp = path.with_suffix(".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(f"{where}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, f"{where}\n")
     except OSError as e:
         raise UserError(f"cannot write the update request {path}: {e.strerror}", "is var mounted?") from None
     return path
