@@ -390,6 +390,37 @@ class LearningConfig:
         minimum=0.0,
         maximum=100.0,
     )
+    consolidate_heldout: int = setting(
+        0,
+        "Held-out prompts a run's validation asks, of the built-in model and of the result: 0 asks all 440; N asks a "
+        "fixed sample of N (half FAQ phrasings, half reversals, spread over every answer and word length), and "
+        "consolidate_max_drop then applies to that sample. Fewer is faster and a coarser bar: one answer of 40 is "
+        "2.5 points.",
+        minimum=0,
+        maximum=440,
+    )
+    consolidate_steps: int = setting(
+        0,
+        "Training steps of a run; 0: 150 plus 15 a taught pair, at most 1000 (the recipe make bench-learning "
+        "measures). Fewer steps are faster but learn less and, at a higher consolidate_rate, cost more held-out "
+        "answers; validation still decides.",
+        minimum=0,
+        maximum=100000,
+    )
+    consolidate_batch: int = setting(4, "Training windows a step (a step's time grows with it).", minimum=1, maximum=64)
+    consolidate_window: int = setting(
+        128,
+        "Tokens a training window (raised to the longest taught example, at most the model's context).",
+        minimum=16,
+        maximum=4096,
+    )
+    consolidate_rate: float = setting(
+        2e-4,
+        "Peak learning rate of a run (AdamW, cosine schedule). Higher learns in fewer steps and moves the rest of "
+        "the model more.",
+        minimum=1e-6,
+        maximum=1e-1,
+    )
 
 
 @dataclass(frozen=True)

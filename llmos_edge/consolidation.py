@@ -4,9 +4,11 @@ When the appliance has had no request for `learning.consolidate_after` seconds (
 taught pairs exist that the running model has not learnt, the job fine-tunes the built-in model on them in a
 process of its own (`python -m llmos_edge.finetune`, niced, `learning.consolidate_threads` threads). That process
 validates its result through the engine before it says yes: every taught pair answered exactly by the weights
-alone, and the held-out set no more than 1 point worse than the built-in model's. The job then installs the result
-in the model store as `taught-N` (its golden prompts: the self-test and every taught pair) and activates it through
-the keeper's gate and rollback, like any installed model.
+alone, and the held-out set (or its `learning.consolidate_heldout` sample) no more than
+`learning.consolidate_max_drop` points (1) worse than the built-in model's. The training budget is the recipe's
+unless `learning.consolidate_steps`, `_batch`, `_window` and `_rate` bound it (Recipe; docs/learning.md). The job
+then installs the result in the model store as `taught-N` (its golden prompts: the self-test and every taught pair)
+and activates it through the keeper's gate and rollback, like any installed model.
 
 Pacing: while a request is queued or running, or the board is throttling or too hot, the training process (and
 its validation engine) is stopped with SIGSTOP, and continued 5 s after the last request. It holds its memory while
@@ -35,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +67,24 @@ def training_need(master: str) -> int:
     return TRAINER_BASE + TRAINING_STATE * params + estimate_memory(info, VALIDATION_CTX).total
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A run's training budget and validation sample (the learning.consolidate_* settings; the defaults are
+    finetune.Settings', the recipe make bench-learning measures). Given to the training process as its options."""
+
+    steps: int = 0  # 0: by the number of pairs
+    batch: int = 4
+    window: int = 128
+    rate: float = 2e-4
+    heldout: int = 0  # 0: the whole held-out set
+
+    def args(self) -> list[str]:
+        return [
+            *("--steps", str(self.steps), "--batch", str(self.batch), "--window", str(self.window)),
+            *("--lr", repr(self.rate), "--heldout", str(self.heldout)),
+        ]
+
+
 class Activator(Protocol):
     def activate(self, name: str, progress: Callable[[str], None]) -> str: ...
 
@@ -87,6 +108,7 @@ class Consolidation:
         shed: Callable[[], str | None] = lambda: None,
         threads: int = 1,
         max_drop: float = 1.0,
+        recipe: Recipe = Recipe(),
         clock: Callable[[], float] = time.monotonic,
         command: Sequence[str] = (sys.executable, "-m", "llmos_edge.finetune"),
         resume_after: float = RESUME_AFTER,
@@ -104,6 +126,7 @@ class Consolidation:
         self.hold_until = 0.0  # after a run was stopped for memory: no new run before this (clock time)
         self.after, self.threads, self.clock = after, threads, clock
         self.max_drop = max_drop  # held-out points a consolidated model may lose against the built-in one
+        self.recipe = recipe
         self.command, self.resume_after = list(command), resume_after  # tests give a stand-in for the fine-tune
         self.proc: subprocess.Popen[bytes] | None = None
         self.run_id = 0
@@ -269,6 +292,7 @@ class Consolidation:
             str(self.threads),
             "--max-heldout-drop",
             str(self.max_drop),
+            *self.recipe.args(),
         ]
         threads = str(self.threads)
         env = os.environ | {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "GOMP_SPINCOUNT": "20000"}

@@ -22,9 +22,21 @@ def write_atomically(path: str | os.PathLike[str], text: str) -> Path:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _sync_directory(p.parent)
+    return p
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Remove `path` durably: once this returns, a power cut cannot bring the file back (an unlink is, like a rename,
+    only a change to the directory, which sits in the page cache until the directory itself is synced)."""
+    p = Path(path)
+    p.unlink()
+    _sync_directory(p.parent)
+
+
+def _sync_directory(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return p

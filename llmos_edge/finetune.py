@@ -9,13 +9,17 @@ answers' logit margins are logged as it goes.
 
 The master is the default model's Q8_0 file (weights.py); the result is written as an f32 GGUF with the master's
 header and quantized by llama.cpp. `validate` then asks the quantized file, through the engine's worker process,
-every taught question (exact answers required) and the held-out set (model/heldout.jsonl).
+every taught question (exact answers required) and the held-out set (model/heldout.jsonl), or a fixed sample of it
+(`heldout_sample`). The consolidation job can bound a run's steps, batch, window and rate (the process's options):
+a smaller budget for slow machines, at a price in held-out answers (docs/learning.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import random
 import resource
 import time
@@ -229,6 +233,39 @@ def heldout_rows() -> list[dict[str, str]]:
     return [{"task": e.task, "prompt": e.prompt, "answer": e.answer} for e in heldout_examples()]
 
 
+HELDOUT_SAMPLE_SEED = 15  # fixed: every run, and its baseline, is judged on the same prompts
+
+
+def heldout_sample(rows: Sequence[dict[str, str]], n: int, seed: int = HELDOUT_SAMPLE_SEED) -> list[dict[str, str]]:
+    """`n` of the held-out rows (all of them when n is 0 or at least their number): as many of each task as of the
+    other, and within a task spread over its strata (a FAQ prompt's intent, a reversed word's length) in turn, each
+    stratum's rows in a seeded order. So a small sample still asks every kind of question the full set asks."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    strata: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for r in rows:
+        key = r["answer"] if r["task"] == "faq" else str(len(r["answer"]))
+        strata.setdefault(r["task"], {}).setdefault(key, []).append(r)
+    queues: dict[str, list[dict[str, str]]] = {}
+    for task, groups in sorted(strata.items()):
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        for k in keys:
+            rng.shuffle(groups[k])
+        # round-robin over the strata: one row of each, then a second of each, ...
+        queues[task] = [groups[k][i] for i in range(max(map(len, groups.values()))) for k in keys if i < len(groups[k])]
+    tasks = sorted(queues)
+    picked: list[dict[str, str]] = []
+    i = 0
+    while len(picked) < n:  # the tasks in turn; a task that runs out leaves its turns to the others
+        q = queues[tasks[i % len(tasks)]]
+        if q:
+            picked.append(q.pop(0))
+        i += 1
+    return picked
+
+
 def validate(
     model: Path,
     pairs: Sequence[TaughtPair],
@@ -271,15 +308,17 @@ def run(
     threads: int = 1,
     progress: Callable[[str], None] = lambda _m: None,
     max_drop: float = 1.0,
+    heldout_n: int = 0,
 ) -> dict[str, Any]:
     """One whole consolidation as the background job runs it (in a process of its own, which the job pauses with
     SIGSTOP): fine-tune, quantize to each type of `outs`, and validate each file against its baseline (the model it
-    would replace; default: the master): every taught pair exact, the held-out set at most `max_drop` points
-    worse. Returns the report as JSON data; `passed` says whether every file may be installed."""
+    would replace; default: the master): every taught pair exact, the held-out set (or its `heldout_n` sample:
+    heldout_sample) at most `max_drop` points worse. Returns the report as JSON data; `passed` says whether every
+    file may be installed."""
     from llmos_edge.engine_worker import load_cpu_backend
 
     load_cpu_backend()
-    heldout = heldout_rows()
+    heldout = heldout_sample(heldout_rows(), heldout_n)
     t0 = time.monotonic()
     report = consolidate(master, pairs, outs, s, progress=progress, threads=threads)
     t1 = time.monotonic()
@@ -311,6 +350,7 @@ def run(
         "pairs": report.pairs,
         "skipped": {str(k): v for k, v in report.skipped.items()},
         "steps": report.steps,
+        "recipe": {"batch": s.batch, "window": s.window, "lr": s.lr},
         "tokens": report.tokens,
         "converged": report.converged,
         "min_margin": report.min_margin,
@@ -329,9 +369,8 @@ def run(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import os
+def parser() -> argparse.ArgumentParser:
+    """The training process's options (consolidation.py's job passes its learning.consolidate_* settings here)."""
 
     def typed_path(text: str) -> tuple[str, Path]:
         quantization, sep, path = text.partition("=")
@@ -347,18 +386,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, required=True, help="where the JSON report goes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=0, help="fixed number of steps (default: by the number of pairs)")
+    ap.add_argument("--batch", type=int, default=Settings.batch, help="windows a step")
+    ap.add_argument("--window", type=int, default=Settings.window, help="tokens a window")
+    ap.add_argument("--lr", type=float, default=Settings.lr, help="peak learning rate")
     ap.add_argument("--max-heldout-drop", type=float, default=1.0, help="points the held-out score may lose")
-    a = ap.parse_args(argv)
+    ap.add_argument("--heldout", type=int, default=0, help="held-out prompts to ask (a fixed sample; 0: all)")
+    return ap
+
+
+def settings_of(a: argparse.Namespace) -> Settings:
+    return Settings(steps=a.steps, batch=a.batch, window=a.window, lr=a.lr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     pairs = [TaughtPair(int(p["id"]), str(p["question"]), str(p["answer"])) for p in json.loads(a.pairs.read_text())]
     result = run(
         a.master,
         pairs,
         dict(a.out),
         dict(a.baseline),
-        Settings(steps=a.steps),
+        settings_of(a),
         a.threads,
         progress=lambda m: print(m, flush=True),
         max_drop=a.max_heldout_drop,
+        heldout_n=a.heldout,
     )
     part = a.report.with_name(a.report.name + ".part")
     part.write_text(json.dumps(result, indent=1))

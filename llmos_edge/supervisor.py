@@ -22,7 +22,7 @@ import psutil
 from llmos_edge import __version__, factory_reset, update
 from llmos_edge.config import Config, LoadedConfig, last_good_path, save_last_good
 from llmos_edge.console import Console
-from llmos_edge.consolidation import Consolidation
+from llmos_edge.consolidation import Consolidation, Recipe
 from llmos_edge.control import ControlServer
 from llmos_edge.engine import Engine, EngineSettings, default_threads, discard_prestarted
 from llmos_edge.errors import UserError
@@ -163,6 +163,13 @@ class Supervisor:
             shed=self.governor.memory.shedding,
             threads=c.learning.consolidate_threads,
             max_drop=c.learning.consolidate_max_drop,
+            recipe=Recipe(
+                steps=c.learning.consolidate_steps,
+                batch=c.learning.consolidate_batch,
+                window=c.learning.consolidate_window,
+                rate=c.learning.consolidate_rate,
+                heldout=c.learning.consolidate_heldout,
+            ),
         )
         self.control: ControlServer | None = None
         if c.scheduler.control_socket != "none":

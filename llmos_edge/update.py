@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmos_edge.durable import write_atomically
+from llmos_edge.durable import remove, write_atomically
 from llmos_edge.errors import UserError
 
 REQUEST_NAME = "update.request"  # beside the database: the one directory on var the supervisor may write
@@ -170,12 +170,13 @@ def request(database: str | os.PathLike[str], bundle_dir: str) -> Path:
 
 
 def take_request(request_file: Path) -> Path:
-    """Step 2, as root: the bundle directory a request names; the request is removed first, so a bundle that fails
-    is not tried again and again by the path unit."""
+    """Step 2, as root: the bundle directory a request names; the request is removed first, and durably, so a bundle
+    that fails is not tried again and again by the path unit, and a power cut during the update does not start it
+    again at the next boot (the half-staged files are removed at boot by tmpfiles, llmos-update.conf)."""
     if not request_file.exists():
         raise UserError(f"no update was requested ({request_file} does not exist)", "request one with /update PATH")
     where = Path(request_file.read_text(errors="replace").strip())
-    request_file.unlink()
+    remove(request_file)
     return where
 
 

@@ -300,8 +300,15 @@ def make_models_stick(out: Path) -> Path:
     return usbstick.make_stick(out, {"good.gguf": good, "bad.gguf": bad, "bad.golden.jsonl": BAD_GOLDEN})
 
 
+# The test disk's config override on var (/var/lib/llmos/llmos.yaml), written before its first boot: the
+# consolidation budget that test_image.py consolidates a taught pair with under software emulation (the file says
+# why and what it costs; tests/integration/test_consolidate.py runs it on the host). After test_image.py's power cut
+# var is not clean, so nothing is written to it from the host until the clean shutdown that follows.
+DISK_OVERRIDE = (Path(__file__).parent / "consolidate.yaml").read_text()
+
+
 @pytest.fixture(scope="module")
-def device(disk: Path, serial_url: str, models_stick: Path) -> Iterator[Boot]:
+def device(disk: Path, serial_url: str, models_stick: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
     """The first boot of the test disk (or a real device's console), at its first prompt; the models stick is
     plugged in (a real device: plug in such a stick yourself, made with image/usbstick.py)."""
     if serial_url:
@@ -313,6 +320,9 @@ def device(disk: Path, serial_url: str, models_stick: Path) -> Iterator[Boot]:
         yield Boot(None, console, time.monotonic() - start, 0.0, status)
         console.close()
         return
+    work = tmp_path_factory.mktemp("override")
+    (work / "llmos.yaml").write_text(DISK_OVERRIDE)
+    write_to_var(disk, work, {"/lib/llmos/llmos.yaml": work / "llmos.yaml"})
     # Through nbdkit's writeback cache (image/volatiledisk.py): test_image.py's power cut then loses what was not
     # flushed, like test_power_cut.py's, instead of being a mere crash.
     b = boot(disk, "first-boot", usb_stick=models_stick, volatile_cache=True)

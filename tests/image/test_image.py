@@ -2,9 +2,12 @@
 
 The tests share boots (each costs 1-2 minutes under software emulation) and run in file order: first boot and
 questions (a machine without a sound card, with a "USB stick" of models plugged in), models installed from the
-stick, then a power cut while an answer streams (the first boot's disk is served through nbdkit's writeback cache,
-so the cut loses what was not flushed: see test_power_cut.py), a second boot, a clean shutdown, and checks of the
-disk from the host; last, another machine: a CPU without AVX2, with a sound card.
+stick, a pair taught, then a power cut while an answer streams (the first boot's disk is served through nbdkit's
+writeback cache, so the cut loses what was not flushed: see test_power_cut.py), a second boot (in a CPU without AVX2)
+that answers the taught question and consolidates it into a new version of the model's weights, a clean shutdown,
+and checks of the disk from the host; last, the same card in another machine (a CPU without AVX2, with a sound
+card), with the taught-answer lookup switched off in its config override: the taught answer now comes from the
+weights.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import (
     ANSWER_END,
+    DISK_OVERRIDE,
     ROOT,
     STICK,
     VOICE_NOT_INSTALLED,
     Boot,
     boot,
-    card,
     copy_from_var,
     esp_files,
     extract_root,
@@ -40,6 +44,7 @@ from conftest import (
     partitions,
     root_digest,
     root_label,
+    write_to_var,
 )
 
 from llmos_edge import netpolicy
@@ -217,9 +222,14 @@ def test_the_default_model_can_be_activated_again(device: Boot) -> None:
 
 TAUGHT_QUESTION = "what is the wi-fi password"
 TAUGHT_ANSWER = "It is on the sticker under the box."
+# About 4 minutes for one pair in the Nehalem guest (tests/image/consolidate.yaml's budget; docs/learning.md gives the
+# measurements); the margin is for busy host cores.
+CONSOLIDATE_TIMEOUT = 1500
+AFTER_CUT: list[Boot] = []  # the boot after the power cut, running until the clean shutdown below
+ROOT_BEFORE: list[str] = []  # the root partition's digest before the first boot's power cut
 
 
-def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, tmp_path: Path) -> None:
+def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path) -> None:
     if device.vm is None:
         pytest.skip("a real device: no power switch to pull from here")
     # Let everything asked so far be committed (synchronous=FULL commits before the prompt comes back).
@@ -235,15 +245,52 @@ def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, 
     device.power_cut()  # SIGKILL by PID: the plug is pulled as soon as the first tokens arrive
     measure("power_cut_mid_answer", b"llmos> " not in streamed)
 
-    second = boot(disk, "after-power-cut")
+    ROOT_BEFORE.append(root_before)
+    # The card boots again in a CPU without AVX2 (Nehalem), where the test below consolidates: under QEMU's software
+    # emulation its SSE kernels run faster than the AVX2 ones `-cpu max` gets: OpenBLAS's about 3.5 times (training),
+    # llama.cpp's sse42 variant about 9 times (validation's answers); measured with qemu-user, docs/learning.md.
+    second = boot(disk, "after-power-cut", cpu="Nehalem")
+    AFTER_CUT.append(second)  # shut down cleanly by the test after the next, whatever happens here
     measure("boot_wall_s_to_ready_after_power_cut", round(second.wall_s, 1))
     assert second.console.ask("ping") == "pong"
     # a variant of the taught question (case, punctuation, politeness) gets the taught answer after the reboot
     assert second.console.ask("Hey llmos, what is the Wi-Fi password?") == TAUGHT_ANSWER
     text = status(second)
     measure("status_after_power_cut", text)
-    second.shutdown()
 
+
+def test_consolidation_puts_the_taught_pair_into_a_new_version_of_the_weights() -> None:
+    """Issue 15, point 5: /consolidate fine-tunes the built-in model on the taught pair in the device, validates it
+    (the taught pair exact from the weights alone, the held-out sample within the override's bar) and activates it
+    as taught-1 through the gate. That the answer then comes from the weights is heard at the next boot, with the
+    lookup switched off (the machine with a sound card, below)."""
+    if not AFTER_CUT:
+        pytest.skip("no boot after the power cut (a real device, or the power cut test failed)")
+    c = AFTER_CUT[0].console
+    said = c.ask("/consolidate")
+    # (or it started by itself, after learning.consolidate_after idle seconds)
+    assert said in (
+        "consolidation: 1 taught pairs will be consolidated when no request is running",
+        "consolidation: run 1 running (1 pairs)",
+    ), said
+    started = time.monotonic()
+    line = c.ask("/consolidate status")
+    while "last run" not in line:
+        assert time.monotonic() - started < CONSOLIDATE_TIMEOUT, f"no consolidation finished: {line}"
+        time.sleep(15)  # a console command, not a request: it does not pause the run
+        line = c.ask("/consolidate status")
+    measure("consolidation_one_pair_in_image", {"wall_s": round(time.monotonic() - started), "status": line})
+    assert "last run 1: activated, taught 1/1" in line, line
+    models = c.ask("/model")
+    assert re.search(r"^taught-1\b[^;\n]*\bactive\b", models, re.M), models
+    assert c.ask(TAUGHT_QUESTION) == TAUGHT_ANSWER
+
+
+def test_after_the_power_cut_the_disk_keeps_the_database_and_the_root(disk: Path, tmp_path: Path) -> None:
+    """After the second boot's clean shutdown, read off the disk: what the first boot answered before the cut."""
+    if not AFTER_CUT:
+        pytest.skip("no boot after the power cut (a real device, or the power cut test failed)")
+    AFTER_CUT[0].shutdown()
     db_dir = copy_from_var(disk, "/lib/llmos", tmp_path / "var")
     conn = sqlite3.connect(db_dir / "llmos.db")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -252,7 +299,7 @@ def test_power_cut_while_streaming_keeps_the_database(device: Boot, disk: Path, 
     assert not missing, f"requests answered before the power cut are gone: {missing}"
     starts = conn.execute("SELECT COUNT(*) FROM starts").fetchone()[0]
     assert starts >= 2, "the second boot's start is not recorded"
-    assert root_digest(disk) == root_before, "the read-only root partition changed"
+    assert root_digest(disk) == ROOT_BEFORE[0], "the read-only root partition changed"
 
 
 def test_the_models_outcomes_are_in_the_database_on_the_disk(disk: Path, tmp_path: Path) -> None:
@@ -265,7 +312,8 @@ def test_the_models_outcomes_are_in_the_database_on_the_disk(disk: Path, tmp_pat
     assert good["sha256"] == sha256_file(ROOT / "model" / "llmos-tiny-q4_k_m.gguf"), good
     assert bad["sha256"] == sha256_file(ROOT / "model" / "llmos-tiny-q8_0.gguf"), bad
     assert good["source"].endswith("good.gguf") and bad["source"].endswith("bad.gguf"), (good, bad)
-    assert models["default"]["state"] == "active", models
+    assert models["taught-1"]["state"] == "active", models  # the consolidated version of the built-in model
+    assert models["default"]["state"] in ("installed", "previous"), models
     assert good["state"] in ("installed", "previous"), good  # passed its gate; no longer active
     assert bad["state"] == "failed" and bad["gate"], bad
     events = [(r["kind"], f"{r['message']} {r['data']}") for r in db.execute("SELECT kind, message, data FROM events")]
@@ -276,7 +324,16 @@ def test_the_models_outcomes_are_in_the_database_on_the_disk(disk: Path, tmp_pat
     model_events = [e for e in events if e[0].startswith("model_")]
     assert said("model_installed", "good") and said("model_activated", "good"), model_events
     assert said("model_gate_failed", "bad") and said("model_rolled_back", "good"), model_events
-    assert said("model_activated", "default"), model_events
+    assert said("model_activated", "default") and said("model_activated", "taught-1"), model_events
+    runs = db.execute("SELECT outcome, model, pairs, report FROM consolidations").fetchall()
+    assert [(r["outcome"], r["model"], json.loads(r["pairs"])) for r in runs] == [("activated", "taught-1", [1])], runs
+    report = json.loads(runs[0]["report"])
+    assert report["passed"] and report["taught"] == [1, 1], report
+    # the override's budget and held-out sample, not the default recipe
+    budget = yaml.safe_load(DISK_OVERRIDE)["learning"]
+    assert report["steps"] == budget["consolidate_steps"], report
+    assert report["heldout_before"][1] == budget["consolidate_heldout"], report
+    measure("consolidation_report_in_image", {k: v for k, v in report.items() if k not in ("misses", "results")})
     measure("models_in_registry", {name: row["state"] for name, row in models.items()})
 
 
@@ -376,41 +433,67 @@ def test_the_service_sandbox_with_and_without_http(image: Path, tmp_path: Path) 
     assert closed <= 1.0 and opened <= 2.0 and opened > closed, (closed, opened)
 
 
+# The override for the card's boot in the other machine: the taught-answer lookup switched off (issue 15, point 5).
+NO_LOOKUP_OVERRIDE = yaml.safe_dump({"learning": {**yaml.safe_load(DISK_OVERRIDE)["learning"], "lookup": False}})
+
+
+@dataclasses.dataclass
+class Moved:
+    boot: Boot
+    disk: Path
+    starts_before: int  # rows of the starts table the card held before this boot
+
+
 @pytest.fixture(scope="module")
-def nehalem_with_sound(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Boot, Path]]:
-    """A second machine, booted once for the tests below: a CPU without AVX2, and an HD Audio sound card (QEMU's
-    `none` audio backend: its line-in is silent). A fresh copy of the image, not a snapshot, so its journal and
-    database can be read afterwards."""
-    disk = tmp_path_factory.mktemp("nehalem") / "disk.raw"
-    card(image, disk)
+def nehalem_with_sound(disk: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moved]:
+    """The test disk's card moved to a second machine, booted once for the tests below: a CPU without AVX2, and an
+    HD Audio sound card (QEMU's `none` audio backend: its line-in is silent). Its config override (written from the
+    host after the clean shutdown above) switches the taught-answer lookup off."""
+    work = tmp_path_factory.mktemp("nehalem")
+    db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", work / "var") / "llmos.db")
+    starts_before = db.execute("SELECT COUNT(*) FROM starts").fetchone()[0]
+    db.close()
+    (work / "llmos.yaml").write_text(NO_LOOKUP_OVERRIDE)
+    write_to_var(disk, work, {"/lib/llmos/llmos.yaml": work / "llmos.yaml"})
     b = boot(disk, "nehalem", cpu="Nehalem", sound="none")
     measure("boot_wall_s_to_ready_nehalem", round(b.wall_s, 1))
-    yield b, disk
+    yield Moved(b, disk, starts_before)
     if b.vm is not None:  # still running when a test failed half-way: stop it (by PID)
         b.vm.close()
     b.console.close()
 
 
-def test_a_cpu_without_avx2_runs_the_model(nehalem_with_sound: tuple[Boot, Path]) -> None:
+def test_a_cpu_without_avx2_runs_the_model(nehalem_with_sound: Moved) -> None:
     """Nehalem has SSE4.2 but no AVX: llama.cpp must pick a baseline variant instead of dying with SIGILL."""
-    b, _ = nehalem_with_sound
+    b = nehalem_with_sound.boot
     assert b.console.ask("ping") == "pong"
     text = status(b)
     assert cpu_variant(text) in NO_AVX2_VARIANTS, text
     measure("status_nehalem", text)
 
 
+def test_with_the_lookup_off_the_taught_answer_comes_from_the_weights(nehalem_with_sound: Moved) -> None:
+    """Issue 15, point 5: consolidated, rebooted, the lookup switched off: the taught question still gets the taught
+    answer, generated by taught-1 (the database after the shutdown says so: the last test)."""
+    b = nehalem_with_sound.boot
+    learning = next((x for x in status(b).splitlines() if x.startswith("learning: ")), "")
+    assert "1 taught pairs (not looked up: learning.lookup)" in learning, learning
+    consolidation = b.console.ask("/consolidate status")
+    assert consolidation.startswith("consolidation: 0 taught pairs not in the weights"), consolidation
+    models = b.console.ask("/model")
+    assert re.search(r"^taught-1\b[^;\n]*\bactive\b", models, re.M), models
+    assert b.console.ask(TAUGHT_QUESTION) == TAUGHT_ANSWER
+
+
 LISTENING = "voice: listening on default (wake word 'computer', pocketsphinx); 0 interactions"
 
 
-def test_with_a_sound_card_voice_listens_on_the_microphone(
-    nehalem_with_sound: tuple[Boot, Path], has_voice: bool
-) -> None:
+def test_with_a_sound_card_voice_listens_on_the_microphone(nehalem_with_sound: Moved, has_voice: bool) -> None:
     """The voice front-end starts after READY when the capture device can record: arecord on the emulated card (its
     driver loaded from the root's modules, its device nodes allowed by llmos.service's sandbox), the silero VAD
     through onnxruntime and pocketsphinx loaded, on a CPU without AVX. It keeps listening; silence is no speech.
     An image built without voice says so, sound card or not."""
-    b, _ = nehalem_with_sound
+    b = nehalem_with_sound.boot
     expected = LISTENING if has_voice else VOICE_NOT_INSTALLED
     line = voice_line(b)
     assert line == expected, line
@@ -421,13 +504,14 @@ def test_with_a_sound_card_voice_listens_on_the_microphone(
 
 
 def test_with_a_sound_card_the_journal_shows_no_voice_errors(
-    nehalem_with_sound: tuple[Boot, Path], tmp_path: Path, has_voice: bool
+    nehalem_with_sound: Moved, tmp_path: Path, has_voice: bool
 ) -> None:
     """After a clean power-off, read off the disk: the card's codec driver was bound, the front-end logged no errors
-    (arecord's failures are logged with its own message), and starting it did not trip the watchdog."""
-    b, disk = nehalem_with_sound
+    (arecord's failures are logged with its own message), and starting it did not trip the watchdog. The journal of
+    this boot only (-b: the card booted before, in the machine without a sound card)."""
+    b, disk = nehalem_with_sound.boot, nehalem_with_sound.disk
     b.shutdown()
-    log = journal(disk, tmp_path / "j", "-u", "llmos.service", "-o", "short-monotonic")
+    log = journal(disk, tmp_path / "j", "-b", "-u", "llmos.service", "-o", "short-monotonic")
     errors = [x for x in log.splitlines() if re.search(r"ERROR llmos_edge\.voice|arecord|overrun", x)]
     assert not errors, "\n".join(errors)
     ready = re.search(r"^\[\s*([\d.]+)\].* llmos_edge\.readiness: ready: ", log, re.M)
@@ -437,7 +521,7 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
         measure("voice_guest_s_from_ready_to_listening_nehalem", round(float(started[1]) - float(ready[1]), 1))
     else:
         assert ready and re.search(r"voice: not installed \(onnxruntime, pocketsphinx\)", log), log
-    kernel = journal(disk, tmp_path / "k", "-k", "-o", "cat")
+    kernel = journal(disk, tmp_path / "k", "-k", "-o", "cat")  # -k: this boot's
     assert re.search(r"snd_hda_codec_generic hdaudioC\d+D\d+: autoconfig", kernel), "no HD Audio codec driver bound"
     # The modules llmos.service's DeviceAllow= needs at its start (llmos-sound.conf, llmos-serial.conf) were loaded:
     # snd by the codec line above; the USB serial cores (no such device here, so only systemd-modules-load can have
@@ -446,8 +530,21 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
     for driver in ("usbserial_generic", "cdc_acm"):
         assert f"registered new interface driver {driver}" in kernel, f"{driver} not loaded at boot"
     db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
-    starts = db.execute("SELECT exit_reason FROM starts").fetchall()
+    starts = db.execute("SELECT exit_reason FROM starts ORDER BY id").fetchall()[nehalem_with_sound.starts_before :]
     assert starts == [("SIGTERM",)], f"the supervisor was restarted (by the watchdog?): {starts}"
+
+
+def test_the_database_says_the_taught_answer_came_from_the_weights(nehalem_with_sound: Moved, tmp_path: Path) -> None:
+    """After the shutdown above: the taught question's last request was generated (tokens out, no taught pair
+    named), by the consolidated model that the registry still has active."""
+    db = sqlite3.connect(copy_from_var(nehalem_with_sound.disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
+    query = "SELECT taught_id, tokens_out, answer FROM requests WHERE prompt = ? ORDER BY id"
+    last = db.execute(query, [TAUGHT_QUESTION]).fetchall()[-1]
+    assert last[0] is None and last[1] > 0 and last[2] == TAUGHT_ANSWER, last
+    active = db.execute("SELECT name FROM models WHERE state = 'active'").fetchall()
+    assert active == [("taught-1",)], active
+    taught = db.execute("SELECT question, consolidated FROM taught").fetchall()
+    assert taught == [(TAUGHT_QUESTION, 1)], taught
 
 
 def sha256_file(path: Path) -> str:

@@ -8,7 +8,10 @@ variables); QEMU runs with -no-reboot, so every reboot of the guest ends a QEMU 
   1. V with the good stick: `/update /media/UPDATE`; the device verifies, installs and reboots.
   2. V.1 boots (its UKI counted: +3), passes the health gate, is blessed; /status names V.1 and the other slot V;
      what was asked before the update is still in the database.
-  3. the broken stick: `/update`; V.2 boots and fails its gate three times (each failure reboots), then systemd-boot
+  3. a third stick, V.1.1, and a power cut at a random moment of its install, on a disk whose unflushed writes the
+     cut loses (nbdkit's writeback cache): the ESP must name only whole slots, and the next boot comes up on V.1.1
+     (installed whole before the cut) or V.1 (the install was cut short), with no half-staged update left.
+  4. the broken stick: `/update`; V.2 boots and fails its gate three times (each failure reboots), then systemd-boot
      falls back to V.1 by itself, which answers again; V.2's UKI is left with no tries.
 Building the two bundles takes a few minutes (warm mkosi cache); the boots 15-25 minutes under TCG.
 
@@ -20,6 +23,7 @@ LLMOS_UPDATE_BUNDLES, a directory that keeps the bundles between runs.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import sqlite3
@@ -46,6 +50,11 @@ from conftest import (
     start,
     wait_ready,
 )
+
+# What the tests so far installed and booted, in order (the last is the version running), and how long the good
+# install took: the power-cut test cuts within that time, and the broken-update test starts from what it left.
+RAN: list[str] = []
+INSTALL_S: list[float] = []
 
 INSTALL_TIMEOUT = 1800  # verify 1 GiB and write it to the slot under TCG, then the clean reboot
 FAILED_BOOT_TIMEOUT = 900  # a broken boot: up to the gate's failure and the reboot it causes
@@ -95,6 +104,12 @@ def versions(image: Path) -> tuple[str, str, str]:
 def good_stick(versions: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = bundles_dir(tmp_path_factory)
     return stick_of(build_bundle(versions[1], out, broken=False), tmp_path_factory.mktemp("sticks") / "good.raw")
+
+
+@pytest.fixture(scope="module")
+def cut_bundle(versions: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # V.1.1 sorts after V.1 and before V.2 (systemd's version comparison), so the broken V.2 is still the newest
+    return build_bundle(f"{versions[1]}.1", bundles_dir(tmp_path_factory), broken=False)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +166,8 @@ def test_a_good_update_installs_and_is_kept(
     try:
         assert system_line(first) == f"system: version {old}; other slot: empty"
         assert first.console.ask("reverse before") == "erofeb"  # a request that must survive the update
-        measure("update_install_to_reboot_s", round(update_and_wait_for_the_reboot(first), 1))
+        INSTALL_S.append(update_and_wait_for_the_reboot(first))
+        measure("update_install_to_reboot_s", round(INSTALL_S[-1], 1))
     finally:
         if first.vm is not None:
             first.vm.close()
@@ -161,6 +177,7 @@ def test_a_good_update_installs_and_is_kept(
         assert system_line(second) == f"system: version {new}; other slot: version {old}"
         assert second.console.ask("ping") == "pong"
         wait_blessed(disk, f"llmos-edge_{new}.efi")  # a power-off before that would spend one of its tries
+        RAN.append(new)
         second.shutdown()
     finally:
         if second.vm is not None:
@@ -176,11 +193,98 @@ def test_a_good_update_installs_and_is_kept(
     assert f"llmos update: version {new} verified" in log and f"version {new} installed" in log, log
 
 
+def slot_holds(disk: Path, label: str, root_raw: Path) -> bool:
+    """Whether the slot labelled `label` begins with exactly the bytes of the bundle's root image."""
+    part = partitions(disk)[label]
+    if root_raw.stat().st_size > part["size"]:
+        return False
+    with disk.open("rb") as slot, root_raw.open("rb") as want:
+        slot.seek(part["start"])
+        while chunk := want.read(8 << 20):
+            if slot.read(len(chunk)) != chunk:
+                return False
+    return True
+
+
+def on_var(disk: Path, path_in_var: str) -> bool:
+    """Whether a path exists on the disk's var partition (debugfs, no mount)."""
+    offset = partitions(disk)["var"]["start"]
+    r = subprocess.run(
+        ["debugfs", "-R", f"stat {path_in_var}", f"{disk}?offset={offset}"], capture_output=True, text=True
+    )
+    return "File not found" not in r.stdout + r.stderr
+
+
+def test_a_power_cut_during_an_update_leaves_a_whole_version_to_boot(
+    device: tuple[Path, Path], cut_bundle: Path, tmp_path: Path
+) -> None:
+    """Issue 14, point 4, for updates: the power goes at a random moment between `/update` and the reboot (while
+    the bundle is verified and staged, while systemd-sysupdate writes the slot or the UKI), on a disk that loses what
+    was not flushed. No UKI may then name a slot that is not whole, and the next boot comes up by itself."""
+    assert RAN and INSTALL_S, "runs after test_a_good_update_installs_and_is_kept (same module, same disk)"
+    disk, efi_vars = device
+    running, cut_version = RAN[-1], cut_bundle.name
+    stick = stick_of(cut_bundle, tmp_path / "stick.raw")
+    # The commit under test seeds the moment, as in tests/image/powercut.py (a rerun cuts at the same moment).
+    rng = random.Random(
+        os.environ.get("LLMOS_POWERCUT_SEED")
+        or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
+    at = rng.uniform(5, 0.8 * INSTALL_S[-1])
+    b = boot(disk, "update-cut", efi_vars=efi_vars, usb_stick=stick, volatile_cache=True)
+    try:
+        said = b.console.ask("/update /media/UPDATE")
+        assert said.startswith("update requested from /media/UPDATE"), said
+        assert b.vm is not None
+        try:
+            b.vm.wait(at)
+            raise AssertionError(f"the install of {cut_version} ended before the cut at {at:.0f} s")
+        except subprocess.TimeoutExpired:
+            pass
+        b.power_cut()
+    finally:
+        if b.vm is not None:
+            b.vm.close()
+    measure("update_cut_at_s", round(at, 1))
+    labels = partitions(disk)
+    ukis = esp_files(disk)
+    measure("update_cut_disk", {"ukis": ukis, "slots": [x for x in labels if x.startswith("root")]})
+    for uki in ukis:  # a UKI's command line names root_<its version> (image/bundle.py)
+        version = re.sub(r"(\+\d+(-\d+)?)?\.efi$", "", uki).removeprefix("llmos-edge_")
+        assert f"root_{version}" in labels, f"{uki} names a slot that is not there: {list(labels)}"
+    assert f"llmos-edge_{running}.efi" in ukis, f"the running version's UKI was touched: {ukis}"
+    if any(u.startswith(f"llmos-edge_{cut_version}") for u in ukis):
+        root_raw = cut_bundle / f"llmos-edge_{cut_version}.root.raw"
+        assert slot_holds(disk, f"root_{cut_version}", root_raw), f"{cut_version}'s UKI is there, its slot not whole"
+    after = boot(disk, "update-after-cut", efi_vars=efi_vars)
+    try:
+        line = system_line(after)
+        booted = cut_version if line.startswith(f"system: version {cut_version};") else running
+        assert line.startswith(f"system: version {booted};"), line
+        assert after.console.ask("ping") == "pong"
+        if booted == cut_version:  # installed whole before the cut: it must pass its gate like any update
+            wait_blessed(disk, f"llmos-edge_{cut_version}.efi")
+            RAN.append(cut_version)
+        measure("update_cut_booted", booted)
+        after.shutdown()
+    finally:
+        if after.vm is not None:
+            after.vm.close()
+    # Nothing half done is left, and the cut update does not start again by itself: its request was removed
+    # durably before staging began (llmos_edge/update.py), and tmpfiles removed the half-staged files at boot.
+    assert not on_var(disk, "/lib/llmos-update"), "a half-staged update was left on var"
+    assert not on_var(disk, "/lib/llmos/update.request"), "the cut update's request is still there"
+    log = journal(disk, tmp_path / "j", "-b", "-u", "llmos-update.service", "-o", "cat")
+    assert "verifying" not in log, log
+
+
 def test_a_broken_update_rolls_back_by_itself(
     device: tuple[Path, Path], broken_stick: Path, versions: tuple[str, str, str], tmp_path: Path
 ) -> None:
     disk, efi_vars = device
-    _, good, broken = versions
+    _, _, broken = versions
+    assert RAN, "runs after test_a_good_update_installs_and_is_kept (same module, same disk)"
+    good = RAN[-1]
     b = boot(disk, "rollback-request", efi_vars=efi_vars, usb_stick=broken_stick)
     try:
         assert system_line(b).startswith(f"system: version {good};")

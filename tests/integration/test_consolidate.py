@@ -4,9 +4,12 @@ switched off; forgetting one takes it out of the weights again."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
+
+import yaml
 
 from llmos_edge import finetune
 from llmos_edge.models import read_gguf
@@ -86,4 +89,41 @@ def test_consolidation_answers_from_the_weights_and_forget_takes_it_out(applianc
     assert "default: active" in models and "taught-1" not in models, models
     assert c.ask(q1) == before
     assert "1 taught pairs not in the weights" in c.status()["learning"]
+    app.stop()
+
+
+# The image test's consolidation budget (tests/image/consolidate.yaml, its override on the device) and the pair it
+# teaches (tests/image/test_image.py), run here through the same job: what the image test will hear from the weights.
+IMAGE_OVERRIDE = REPO / "tests" / "image" / "consolidate.yaml"
+IMAGE_PAIR = ("what is the wi-fi password", "It is on the sticker under the box.")
+
+
+def test_the_image_tests_small_budget_puts_one_pair_into_the_weights(appliance_factory: type[Appliance]) -> None:
+    app = appliance_factory(
+        config="learning:\n  lookup: false\n  consolidate_after: 0\n", override=IMAGE_OVERRIDE.read_text()
+    )
+    app.wait_ready()
+    c = app.console
+    c.read_until(b"llmos> ", 10)
+    q, a = IMAGE_PAIR
+    before = c.ask(q)
+    assert before != a
+    assert c.command(f"/teach {q} => {a}").startswith("taught #")
+    assert c.command("/consolidate") == "consolidation: 1 taught pairs will be consolidated when no request is running"
+    done = _wait_for_run(app, 600)
+    assert "last run 1: activated, taught 1/1" in done, done
+    assert c.ask(q) == a  # the lookup is off: from taught-1's weights
+    conn = sqlite3.connect(f"file:{app.db}?mode=ro", uri=True)
+    report = json.loads(conn.execute("SELECT report FROM consolidations WHERE id = 1").fetchone()[0])
+    conn.close()
+    # the override's budget reached the training process: its steps, batch, window and rate, and the held-out sample
+    budget = yaml.safe_load(IMAGE_OVERRIDE.read_text())["learning"]
+    assert report["steps"] == budget["consolidate_steps"], report
+    assert report["recipe"] == {
+        "batch": budget["consolidate_batch"],
+        "window": budget["consolidate_window"],
+        "lr": budget["consolidate_rate"],
+    }, report
+    assert report["heldout_before"][1] == report["heldout_after"][1] == budget["consolidate_heldout"], report
+    print({k: v for k, v in report.items() if k not in ("misses", "results")})
     app.stop()

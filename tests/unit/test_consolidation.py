@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 
 from llmos_edge.config import GovernorConfig
-from llmos_edge.consolidation import Consolidation, training_need
+from llmos_edge.consolidation import Consolidation, Recipe, training_need
+from llmos_edge.finetune import Settings, parser, settings_of
 from llmos_edge.governor import Actuators, Governor
 from llmos_edge.learning import Teaching
 from llmos_edge.memory_budget import MemoryLevel
@@ -36,6 +37,7 @@ a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 quant, out = a["--out"].split("=", 1)
 pairs = json.loads(Path(a["--pairs"]).read_text())
 ticks = Path(a["--report"]).with_name("ticks")
+Path(a["--report"]).with_name("argv.json").write_text(json.dumps(sys.argv[1:]))
 for i in range(TICKS):
     ticks.write_text(str(i + 1))
     time.sleep(0.05)
@@ -60,7 +62,9 @@ class Keeper:
         return f"model: active {name}"
 
 
-def _setup(tmp_path: Path, ticks: int = 60, passed: bool = True) -> tuple[Consolidation, Teaching, ModelStore, Keeper]:
+def _setup(
+    tmp_path: Path, ticks: int = 60, passed: bool = True, recipe: Recipe | None = None
+) -> tuple[Consolidation, Teaching, ModelStore, Keeper]:
     store = Store(tmp_path / "l.db")
     teaching = Teaching(store, 100)
     models = ModelStore(store, tmp_path / "store", str(MODEL))
@@ -83,6 +87,7 @@ def _setup(tmp_path: Path, ticks: int = 60, passed: bool = True) -> tuple[Consol
         after=0,
         command=[sys.executable, str(script)],
         resume_after=0.2,
+        recipe=recipe or Recipe(),
     )
     job.busy = busy  # type: ignore[attr-defined]
     return job, teaching, models, keeper
@@ -142,6 +147,18 @@ def test_a_run_pauses_for_requests_then_installs_and_activates_a_taught_version(
     # a new answer to a learnt question is pending again
     teaching.teach("who is on call", "Sam.", "console")
     assert [p.question for p in job.pending()] == ["who is on call"]
+
+
+def test_a_run_gets_the_configured_budget_and_held_out_sample(tmp_path: Path) -> None:
+    """learning.consolidate_steps, _batch, _window, _rate and _heldout reach the training process as its options."""
+    job, teaching, _models, _keeper = _setup(tmp_path, ticks=1, recipe=Recipe(40, 1, 96, 4e-4, 40))
+    teaching.teach("where is the spare key", "Under the pot.", "console")
+    job.request()
+    _run_until(job, lambda: job.last != "")
+    argv = json.loads((tmp_path / "consolidation" / "argv.json").read_text())
+    a = parser().parse_args(argv)
+    assert settings_of(a) == Settings(steps=40, batch=1, window=96, lr=4e-4) and a.heldout == 40
+    assert a.max_heldout_drop == 1.0 and a.threads == 1
 
 
 def test_forgetting_a_learnt_pair_brings_back_the_built_in_model_and_removes_the_version(tmp_path: Path) -> None:

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import itertools
 
-from llmos_edge.finetune import Settings, TaughtPair, _batch, mixed_stream, variants
+from llmos_edge.config import LearningConfig
+from llmos_edge.consolidation import Recipe
+from llmos_edge.finetune import (
+    Settings,
+    TaughtPair,
+    _batch,
+    heldout_rows,
+    heldout_sample,
+    mixed_stream,
+    parser,
+    settings_of,
+    variants,
+)
 from llmos_edge.learning import key
 from llmos_edge.recipe import BOS, EOS, Example, encode
 
@@ -35,3 +47,32 @@ def test_the_loss_mask_covers_the_answer_and_eos_only() -> None:
     # targets are the inputs shifted by one; the mask marks the targets that are answer tokens or EOS
     assert [t for t, m in zip(targets[0].tolist(), mask[0].tolist(), strict=True) if m] == [*encode("yo"), EOS]
     assert [t for t, m in zip(targets[1].tolist(), mask[1].tolist(), strict=True) if m] == [*encode("d"), EOS]
+
+
+def test_a_held_out_sample_is_fixed_balanced_and_asks_every_kind_of_question() -> None:
+    rows = heldout_rows()
+    assert heldout_sample(rows, 0) == rows and heldout_sample(rows, 10_000) == rows
+    sample = heldout_sample(rows, 40)
+    assert len(sample) == 40 and len({r["prompt"] for r in sample}) == 40 and all(r in rows for r in sample)
+    assert sample == heldout_sample(rows, 40)  # the same prompts for the built-in model and the result, every run
+    tasks = {t: [r for r in sample if r["task"] == t] for t in ("faq", "reverse")}
+    assert len(tasks["faq"]) == len(tasks["reverse"]) == 20
+    # every FAQ answer (intent) and every reversed word length of the full set is asked
+    assert {r["answer"] for r in tasks["faq"]} == {r["answer"] for r in rows if r["task"] == "faq"}
+    assert {len(r["answer"]) for r in tasks["reverse"]} == {len(r["answer"]) for r in rows if r["task"] == "reverse"}
+    # a larger sample holds the smaller one's prompts: raising the setting only adds questions
+    assert all(r in heldout_sample(rows, 100) for r in sample)
+    assert len(heldout_sample(rows, 7)) == 7
+
+
+def test_the_settings_defaults_are_the_recipe_the_bench_measures() -> None:
+    """learning.consolidate_* (config), the job's Recipe and the training process's options default alike, so a
+    device without those settings runs finetune.Settings' recipe."""
+    c, r, s = LearningConfig(), Recipe(), Settings()
+    assert (c.consolidate_steps, c.consolidate_batch, c.consolidate_window) == (s.steps, s.batch, s.window)
+    assert (r.steps, r.batch, r.window, r.rate) == (s.steps, s.batch, s.window, s.lr) and c.consolidate_rate == s.lr
+    assert c.consolidate_heldout == r.heldout == 0
+    common = ["--master", "m", "--pairs", "p", "--out", "Q8_0=o", "--report", "r"]
+    assert settings_of(parser().parse_args(common)) == s
+    a = parser().parse_args(common + Recipe(steps=40, batch=1, window=96, rate=4e-4, heldout=40).args())
+    assert settings_of(a) == Settings(steps=40, batch=1, window=96, lr=4e-4) and a.heldout == 40
