@@ -425,7 +425,8 @@ def test_migration_9_drops_the_samples_index_and_keeps_the_rows(tmp_path: Path) 
     assert "idx_samples_at" in {i.name for i in db["samples"].indexes}
     db.conn.close()
     s = Store(tmp_path / "l.db")
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 9
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert MIGRATIONS[8] is store_module._v9_samples_no_at_index
     assert "idx_samples_at" not in {i.name for i in s.db["samples"].indexes}
     assert [r["celsius"] for r in s.samples_since(0)] == [41.0]
     s.close()
