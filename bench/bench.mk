@@ -136,3 +136,10 @@ bench: bench-learning
 
 bench-learning: venv
 	$(PY) bench/learning.py --counts 10 50 --threads 1 --write
+
+# Issue 14: what the idle appliance's samples write, before and after sample rows, on a host ext4 loop device
+# mounted like the image's var (root: losetup and mount; about 7 minutes, mostly waiting for ext4's journal).
+# Not in `make bench`: it needs root.
+.PHONY: bench-wear-host
+bench-wear-host: venv
+	$(PY) bench/wear_host.py --write

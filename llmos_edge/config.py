@@ -118,13 +118,24 @@ class DatabaseConfig:
         minimum=0.1,
         maximum=3600.0,
     )
+    sample_row: float = setting(
+        60.0,
+        "Seconds of samples averaged into one row of the database, to spare the flash (fewer rows: fewer pages "
+        "written and pruned). The status page's last hour is drawn from every sample, kept in memory; rows are what "
+        "is left after a restart. At or below sample_interval each sample is a row of its own. The image sets 300.",
+        minimum=0.0,
+        maximum=86400.0,
+    )
     keep_samples: int = setting(
-        8640, "Samples kept (8640: a day at the default interval); older ones are deleted as new ones come.", minimum=10
+        8640,
+        "Sample rows kept (8640: six days at the default sample_row); older ones are deleted as new ones come, when "
+        "a sixth of this many have been written since the last deletion.",
+        minimum=10,
     )
     sample_flush: float = setting(
         900.0,
         "Seconds of samples held in memory and written in one commit, to spare the flash (a commit costs about "
-        "15 kB); a power cut loses at most this much of the status page's plots. 0 writes each sample at once.",
+        "15 kB); a power cut loses at most this much of the status page's plots. 0 writes each row at once.",
         minimum=0.0,
         maximum=86400.0,
     )

@@ -1,6 +1,7 @@
-"""The status page's history: every `database.sample_interval` seconds a row in the `samples` table with the
-controlled zone's temperature, the governor's CPU share, the tokens generated and their decode speed, the queue and
-memory.
+"""The status page's history: every `database.sample_interval` seconds a sample of the controlled zone's
+temperature, the governor's CPU share, the tokens generated and their decode speed, the queue and memory. The store
+keeps the last hour of samples in memory and averages them, `database.sample_row` seconds at a time, into the rows of
+the `samples` table (store.py, `average_samples`): the page's hour at full resolution, the flash spared.
 
 Tokens and speed come from the request rows recorded since the last sample (the requests that finished in the
 interval), so a sample says what the engine did, not what the last answer happened to be. Speed is NULL in an

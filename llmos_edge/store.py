@@ -11,6 +11,7 @@ not at all.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -42,7 +43,11 @@ else:
 log = logging.getLogger(__name__)
 
 PENDING_MAX = 10000  # rows held in memory while the disk is full
-SAMPLES_PRUNE_EVERY = 100  # samples written between two prunings of the samples table (one DELETE by primary key)
+# The samples table is pruned when a sixth of keep_samples rows have been written since the last pruning: each pruning
+# rewrites the B-tree pages at the table's old end (and the free list), a cost per pruning, not per row deleted.
+SAMPLES_PRUNE_PARTS = 6
+RECENT_S = 3600.0  # raw samples kept in memory: the status page's hour (status_page.HISTORY_S) at full resolution
+RECENT_MAX = 3600  # and at most this many (an hour at a sample a second; the page thins them to 600 points anyway)
 HELD_MAX = 2000  # request rows held for the next commit (with request_flush): committed at this count whatever the time
 
 
@@ -239,6 +244,12 @@ def _v8_ring(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO ring VALUES (1, ?, 0)", [secrets.randbits(62)])
 
 
+def _v9_samples_no_at_index(db: sqlite_utils.Database) -> None:
+    """Samples are read newest first by primary key (Store.samples_since: ids grow with time, and the last hour is
+    in memory anyway), never looked up by `at`: its index only cost every commit and pruning its own page writes."""
+    db.execute("DROP INDEX IF EXISTS idx_samples_at")
+
+
 # Append-only: a migration, once released, is never edited; user_version counts how many have run.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -249,6 +260,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v6_learning,
     _v7_consolidation,
     _v8_ring,
+    _v9_samples_no_at_index,
 ]
 
 
@@ -303,6 +315,7 @@ class Store:
         keep_voice: int = 100000,
         keep_samples: int = 8640,
         samples_per_commit: int = 1,
+        samples_per_row: int = 1,
         request_flush: float = 0.0,
         lock_timeout: float = 10.0,
     ) -> None:
@@ -315,12 +328,18 @@ class Store:
         self.degraded = ""  # why the database is locked to this process (a full disk at open), for /status
         self._lock_timeout = lock_timeout
         self.keep_samples = keep_samples
-        self._samples_written = 0
+        self._samples_written = 0  # sample rows committed by this process
+        self._samples_pruned = 0  # _samples_written at the last pruning
         # Samples wait in memory and are committed this many at a time: each commit costs the flash about 15 kB
         # (measured on ext4: WAL frames, fsync, the file system's journal), and a sample every 10 s committed alone
         # would write about 125 MB a day to an idle device. A power cut loses the samples still held: a gap in a plot.
         self.samples_per_commit = max(1, samples_per_commit)
-        self._held_samples: list[dict[str, Any]] = []
+        # And this many consecutive samples are averaged into one row (database.sample_row): fewer rows, fewer pages
+        # written per commit and fewer prunings. The raw samples of the last hour stay in memory for the status page.
+        self.samples_per_row = max(1, samples_per_row)
+        self._row_samples: list[dict[str, Any]] = []  # samples of the row being filled
+        self._held_samples: list[dict[str, Any]] = []  # rows (averaged) waiting for their commit
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MAX)
         # Request rows (with their turns) held for one commit every `request_flush` seconds, each made durable at once
         # in the request ring (ring.py); 0: each request committed on its own, no ring.
         self.request_flush = request_flush
@@ -335,6 +354,7 @@ class Store:
         self.db = self._open()
         try:
             self._migrate()
+            self._sample_blank = {c: None for c in self.db["samples"].columns_dict if c != "id"}
             if request_flush > 0:
                 self._open_ring()
             self._retain(
@@ -637,21 +657,41 @@ class Store:
             if samples:
                 held, self._held_samples = self._held_samples, []
             rows += [("samples", r) for r in held]
-            before, self._samples_written = self._samples_written, self._samples_written + len(held)
-            prune = before // SAMPLES_PRUNE_EVERY != self._samples_written // SAMPLES_PRUNE_EVERY
+            self._samples_written += len(held)
+            prune = self._samples_written - self._samples_pruned >= self.prune_every
+            if prune:
+                self._samples_pruned = self._samples_written
             if rows:
                 self._write_locked(rows[0][0], rows[0][1], rows[1:], {"samples": self.keep_samples} if prune else None)
+
+    @property
+    def prune_every(self) -> int:
+        """Sample rows written between two prunings of the samples table: the table holds at most keep_samples and
+        this many more."""
+        return max(1, self.keep_samples // SAMPLES_PRUNE_PARTS)
 
     def record_voice(self, row: dict[str, Any]) -> None:
         self._write("voice", {"start_id": self.start_id or None, **row})
 
     def record_sample(self, row: dict[str, Any]) -> None:
-        """A row of the status page's history. Unlike the other tables, samples arrive at a steady rate for as long
+        """A sample of the status page's history. Unlike the other tables, samples arrive at a steady rate for as long
         as the device runs (months between restarts), so they are also pruned as they are written, not only at start.
-        They are held and committed `samples_per_commit` at a time (see __init__)."""
+        Every `samples_per_row` samples are averaged into one row (`average_samples`), and rows are held and
+        committed `samples_per_commit` samples' worth at a time (see __init__); the raw samples of the last hour are
+        kept in memory for `samples_since`."""
+        # every column, as a row read back from the table has them: the status page reads memory and rows alike
+        sample = {**self._sample_blank, "start_id": self.start_id or None, **row}
         with self._lock:
-            self._held_samples.append({"start_id": self.start_id or None, **row})
-            due = len(self._held_samples) >= self.samples_per_commit or self._commit_due()
+            self._recent.append(sample)
+            newest = float(sample.get("at") or 0.0)
+            while self._recent and float(self._recent[0].get("at") or 0.0) < newest - RECENT_S:
+                self._recent.popleft()
+            self._row_samples.append(sample)
+            if len(self._row_samples) >= self.samples_per_row:
+                self._held_samples.append(average_samples(self._row_samples))
+                self._row_samples = []
+            full = len(self._held_samples) * self.samples_per_row >= self.samples_per_commit
+            due = (bool(self._held_samples) and full) or self._commit_due()
         if due:  # held request rows go in the same commit; the sampler's tick is also their clock
             self.flush()
 
@@ -713,10 +753,21 @@ class Store:
         return rows[::-1]
 
     def samples_since(self, at: float) -> list[dict[str, Any]]:
-        """Samples taken after `at` (time.time()), oldest first: those committed and those still held."""
+        """Samples taken after `at` (time.time()), oldest first: the raw samples this process keeps in memory (its
+        last hour), and before the oldest of them, the rows in the database (averaged; an earlier start's).
+
+        The database is read newest first by primary key, stopping at the first row not after `at`: ids grow with
+        time, so no index on `at` is needed (one would cost page writes at every commit)."""
         with self._lock:
-            rows = list(self.db["samples"].rows_where("at > ?", [at], order_by="at"))
-            return rows + [dict(r) for r in self._held_samples if r.get("at", 0) > at]
+            recent = [dict(r) for r in self._recent if float(r.get("at") or 0.0) > at]
+            before = float(self._recent[0].get("at") or 0.0) if self._recent else float("inf")
+            older: list[dict[str, Any]] = []
+            for r in self.db["samples"].rows_where(order_by="id desc"):
+                if r["at"] is None or r["at"] <= at:
+                    break
+                if r["at"] < before:
+                    older.append(r)
+        return older[::-1] + recent
 
     def finished_since(self, after_id: int) -> tuple[int, int, int, float, int]:
         """Requests recorded after request `after_id`: (the newest id, tokens generated, tokens decoded after each
@@ -756,6 +807,10 @@ class Store:
             return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
 
     def close(self) -> None:
+        with self._lock:  # a row not yet full is written as the average of what it has
+            if self._row_samples:
+                self._held_samples.append(average_samples(self._row_samples))
+                self._row_samples = []
         try:
             self.flush()
         except sqlite3.Error as e:
@@ -768,6 +823,43 @@ class Store:
             except sqlite3.Error as e:
                 log.warning("checkpoint at close failed: %s", e)
             self.db.conn.close()
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def average_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row for consecutive samples of one start (sampler.py's columns): the mean time (the middle of the
+    interval), the mean of each measurement over the samples that have it (NULL when none has: a plot keeps its
+    gap), the tokens summed (they belong to the requests that finished in the whole interval), their decode speed as
+    the whole interval's (tokens over the summed decode seconds, each sample's weighted by its tokens), and the queue's
+    peak (the status page tells the most that waited at once)."""
+    if len(samples) == 1:
+        return dict(samples[0])
+    row: dict[str, Any] = {"start_id": samples[0].get("start_id")}
+    keys = [k for k in dict.fromkeys(k for s in samples for k in s) if k not in ("start_id", "id")]
+    for key in keys:
+        values = [s[key] for s in samples if s.get(key) is not None]
+        if key == "tokens":
+            row[key] = sum(int(v) for v in values) if values else None
+        elif key == "queue":
+            row[key] = max(values) if values else None
+        elif key == "tok_s":
+            speeds = [(float(s["tok_s"]), int(s.get("tokens") or 0)) for s in samples if s.get("tok_s")]
+            tokens = sum(t for _, t in speeds)
+            if tokens > 0:
+                row[key] = round(tokens / sum(t / v for v, t in speeds), 2)
+            else:
+                mean = _mean([v for v, _ in speeds])
+                row[key] = round(mean, 2) if mean is not None else None
+        elif values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            row[key] = round(sum(values) / len(values))
+        elif values and all(isinstance(v, (int, float)) for v in values):
+            row[key] = round(sum(float(v) for v in values) / len(values), 3)  # a millidegree, a millisecond
+        else:
+            row[key] = values[-1] if values else None
+    return row
 
 
 def open_readonly(path: str | os.PathLike[str]) -> sqlite_utils.Database:

@@ -75,6 +75,7 @@ class Supervisor:
             keep_voice=c.database.keep_voice,
             keep_samples=c.database.keep_samples,
             samples_per_commit=round(c.database.sample_flush / c.database.sample_interval),
+            samples_per_row=round(c.database.sample_row / c.database.sample_interval),
             request_flush=c.database.request_flush,
         )
         # learning (issue 15): taught pairs and conversation memory, both in the database
@@ -216,7 +217,7 @@ class Supervisor:
                 teaching=self.teaching,
                 memory=self.memory,
             )
-        # the status page's history (issue 13): a row every database.sample_interval seconds
+        # the status page's history (issue 13): a sample every database.sample_interval seconds, a row every sample_row
         # flash wear (issue 14): bytes written to the database's partition, counted at the sampler's ticks
         self.wear = WearMeter(Path(c.database.path).parent)
         self.sampler = Sampler(self.store, self.status, c.database.sample_interval, self.wear)

@@ -88,8 +88,9 @@ def test_the_status_page_shows_every_panel_in_a_browser_and_runs_no_script(
     app = appliance_factory(
         override=(  # a layer over the fixture's config, which has a database section of its own
             f"http:\n  enabled: true\n  listen: 127.0.0.1:{port}\n  token: {TOKEN}\n"
-            # samples committed three at a time (database.sample_flush), so the test sees the batches reach the disk
-            "database:\n  sample_interval: 0.3\n  sample_flush: 0.9\n"
+            # samples committed three at a time (database.sample_flush), so the test sees the batches reach the disk,
+            # each a row of its own (database.sample_row)
+            "database:\n  sample_interval: 0.3\n  sample_flush: 0.9\n  sample_row: 0.3\n"
             f"governor:\n  sensors_root: {root}\n  interval: 0.2\n"
         )
     )

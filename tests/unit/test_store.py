@@ -346,18 +346,90 @@ def test_events_and_voice_rows_are_pruned_at_start_like_requests(tmp_path: Path)
     assert len(s.recent_requests(100)) == 20
 
 
-def test_samples_are_pruned_as_they_are_written_and_at_start(tmp_path: Path) -> None:
+def test_samples_are_pruned_when_a_sixth_of_keep_samples_has_been_written_and_at_start(tmp_path: Path) -> None:
     p = tmp_path / "l.db"
-    s = Store(p, keep_samples=10)
-    for i in range(store_module.SAMPLES_PRUNE_EVERY):
+    s = Store(p, keep_samples=60)
+    assert s.prune_every == 10
+    deletes: list[str] = []
+    s.db.conn.set_trace_callback(lambda sql: deletes.append(sql) if "DELETE FROM [samples]" in sql else None)
+    counts = []
+    for i in range(85):
         s.record_sample({"at": float(i), "celsius": 50.0})
-    rows = s.samples_since(-1)
-    assert [r["at"] for r in rows] == [float(i) for i in range(store_module.SAMPLES_PRUNE_EVERY - 10, 100)]
-    for i in range(5):
-        s.record_sample({"at": 100.0 + i})
+        counts.append(s.db["samples"].count)
+    assert len(deletes) == 8  # after rows 10, 20, ... 80: not at every commit
+    assert max(counts) == 69  # keep_samples and at most prune_every - 1 more before the next pruning
+    assert s.db["samples"].count == 65  # pruned to 60 at row 80, then 5 more
     s.close()
-    s = Store(p, keep_samples=10)
-    assert [r["at"] for r in s.samples_since(-1)] == [float(i) for i in range(95, 105)]
+    s = Store(p, keep_samples=60)
+    assert [r["at"] for r in s.samples_since(-1)] == [float(i) for i in range(25, 85)]
+    s.close()
+
+
+def test_samples_are_averaged_into_rows_and_the_last_hour_stays_in_memory(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p, samples_per_row=3, samples_per_commit=6)
+    raw = [
+        {"at": 10.0, "celsius": 50.0, "share": 1.0, "tokens": 30, "tok_s": 100.0, "queue": 0, "rss_engine": 10},
+        {"at": 20.0, "celsius": None, "share": 0.5, "tokens": 0, "tok_s": None, "queue": 3, "rss_engine": 11},
+        {"at": 30.0, "celsius": 53.0, "share": 0.6, "tokens": 10, "tok_s": 25.0, "queue": 1, "rss_engine": 11},
+        {"at": 40.0, "celsius": None, "share": 1.0, "tokens": 0, "tok_s": None, "queue": 0, "rss_engine": 0},
+    ]
+    for r in raw[:3]:
+        s.record_sample(r)
+    assert s.db["samples"].count == 0  # one row held: half of samples_per_commit
+    s.record_sample(raw[3])
+    assert [r["at"] for r in s.samples_since(-1)] == [10.0, 20.0, 30.0, 40.0]  # raw, from memory
+    assert [r["celsius"] for r in s.samples_since(25.0)] == [53.0, None]
+    s.close()  # the held row and the part-filled one are written
+    s = Store(p)
+    rows = s.samples_since(-1)  # a new start: nothing in memory, the averaged rows from the database
+    assert len(rows) == 2
+    first = rows[0]
+    assert first["at"] == 20.0 and first["celsius"] == 51.5  # the mean time; the mean of the samples that have one
+    assert first["share"] == 0.7 and first["queue"] == 3  # the queue's peak, not its mean
+    assert first["tokens"] == 40  # summed: the requests of the whole interval
+    assert first["tok_s"] == 57.14  # 40 tokens in 0.3 s + 0.4 s, not the mean of 100 and 25
+    assert first["rss_engine"] == 11  # integers stay integers
+    assert rows[1]["at"] == 40.0 and rows[1]["celsius"] is None and rows[1]["tok_s"] is None  # gaps stay gaps
+    s.close()
+
+
+def test_memory_keeps_an_hour_of_samples_and_older_rows_come_from_the_database(tmp_path: Path) -> None:
+    p = tmp_path / "l.db"
+    s = Store(p)
+    s.record_sample({"at": 100.0, "celsius": 40.0})  # an earlier start's row
+    s.close()
+    s = Store(p, samples_per_row=10, samples_per_commit=10)
+    for i in range(400):  # 4000 s at 10 s: 40 rows in the database, the last hour's 361 samples in memory
+        s.record_sample({"at": 1000.0 + i * 10, "celsius": 50.0})
+    assert s.db["samples"].count == 41
+    got = [r["at"] for r in s.samples_since(0)]
+    newest = 1000.0 + 399 * 10
+    recent = [1000.0 + i * 10 for i in range(400) if 1000.0 + i * 10 >= newest - store_module.RECENT_S]
+    assert len(recent) == 361 and got[-361:] == recent  # the hour at full resolution
+    older = got[:-361]
+    assert older[0] == 100.0 and all(a < recent[0] for a in older)  # before it, the averaged rows
+    # the earlier start's row, and the rows (of 10 samples) whose mean time comes before the hour in memory
+    assert older == [100.0, 1045.0, 1145.0, 1245.0, 1345.0]
+    assert [r["at"] for r in s.samples_since(newest - 15)] == [newest - 10, newest]
+    s.close()
+
+
+def test_migration_9_drops_the_samples_index_and_keeps_the_rows(tmp_path: Path) -> None:
+    db = sqlite_utils.Database(tmp_path / "l.db")
+    for migration in MIGRATIONS[:8]:
+        migration(db)
+    db.execute("PRAGMA user_version=8")
+    db["samples"].insert({"at": 5.0, "celsius": 41.0})
+    db.conn.commit()
+    assert "idx_samples_at" in {i.name for i in db["samples"].indexes}
+    db.conn.close()
+    s = Store(tmp_path / "l.db")
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert MIGRATIONS[8] is store_module._v9_samples_no_at_index
+    assert "idx_samples_at" not in {i.name for i in s.db["samples"].indexes}
+    assert [r["celsius"] for r in s.samples_since(0)] == [41.0]
+    s.close()
 
 
 def test_events_can_be_read_by_kind(tmp_path: Path) -> None:
