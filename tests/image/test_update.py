@@ -50,6 +50,7 @@ from conftest import (
     start,
     wait_ready,
 )
+from powercut import seed
 
 # What the tests so far installed and booted, in order (the last is the version running), and how long the good
 # install took: the power-cut test cuts within that time, and the broken-update test starts from what it left.
@@ -225,11 +226,7 @@ def test_a_power_cut_during_an_update_leaves_a_whole_version_to_boot(
     disk, efi_vars = device
     running, cut_version = RAN[-1], cut_bundle.name
     stick = stick_of(cut_bundle, tmp_path / "stick.raw")
-    # The commit under test seeds the moment, as in tests/image/powercut.py (a rerun cuts at the same moment).
-    rng = random.Random(
-        os.environ.get("LLMOS_POWERCUT_SEED")
-        or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
+    rng = random.Random(seed())  # the commit under test seeds the moment, as the other power cuts (powercut.py)
     at = rng.uniform(5, 0.8 * INSTALL_S[-1])
     b = boot(disk, "update-cut", efi_vars=efi_vars, usb_stick=stick, volatile_cache=True)
     try:
