@@ -102,7 +102,7 @@ unit: venv vocab
 # The architecture matrix's models (model/arch_matrix.py) are loaded by test_architectures.py.
 integration: venv vocab speed-model arch-models
 	LLMOS_SPEED_MODEL=$(SPEED_MODEL) LLMOS_ARCH_MODELS=$(ARCH_MODELS) \
-	  $(VENV)/bin/pytest -q -m "not voice_rates" tests/integration
+	  $(VENV)/bin/pytest -q --durations=8 -m "not voice_rates" tests/integration
 
 # Spoken-command recognition rates per voice (issue 6; not yet part of `make test`, see tests/integration/test_voice.py)
 test-voice: venv

@@ -4,10 +4,11 @@
   bundle.py key --dir DIR                    make the signing key in DIR (once; it stays on the build host, in
                                              $(CACHE), never in the repository) and export its public half to
                                              DIR/update-pubring.gpg, which the image carries
-  bundle.py make --image RAW --key-dir DIR --out OUT [--no-xz]
-                                             from a built image: its root slot (the partition root_<version>) and
-                                             its UKI, named as systemd-sysupdate's transfers expect, their
-                                             SHA256SUMS, and SHA256SUMS.gpg signed with the key; OUT/<version>/
+  bundle.py make --image RAW --key-dir DIR --out OUT [--compress xz|gz|none]
+                                             from a built image: its root slot's file system (the erofs in the
+                                             partition root_<version>, without the zero rest of the slot) and its
+                                             UKI, named as systemd-sysupdate's transfers expect, their SHA256SUMS,
+                                             and SHA256SUMS.gpg signed with the key; OUT/<version>/
 
 The image and the bundle come from the same build (`make update-bundle IMAGE_VERSION=x` builds the image as
 version x, then this), so the UKI names exactly the root slot label the bundle installs.
@@ -105,6 +106,31 @@ def copy_range(src: Path, start: int, size: int, dest: Path) -> None:
             left -= len(chunk)
 
 
+# erofs's superblock (the root slot's file system, mkosi.conf): 1024 bytes in, its magic, then at +12 the block size
+# as a power of two and at +36 the file system's size in blocks.
+EROFS_MAGIC, EROFS_SB = 0xE0F5E1E2, 1024
+
+
+def used_size(img: Path, start: int, size: int) -> int:
+    """How much of the partition at `start` its file system uses: an erofs's own size, else the whole partition.
+    The rest of a slot is zeros in a built image, and a slot's later bytes are never read by the erofs in front of
+    them, so a bundle carries the file system alone (half of the 1 GiB slot today) and sysupdate writes just that."""
+    with img.open("rb") as f:
+        f.seek(start + EROFS_SB)
+        sb = f.read(40)
+    if len(sb) < 40 or int.from_bytes(sb[0:4], "little") != EROFS_MAGIC:
+        return size
+    used = int.from_bytes(sb[36:40], "little") << sb[12]
+    return used if 0 < used <= size else size
+
+
+# How the root image may be compressed: what systemd-import (sysupdate's writer) of systemd 254 decompresses
+# (xz, gzip; not zstd) and what rootfs-overlay/usr/lib/sysupdate.d/10-root.conf matches. xz is the smallest to
+# carry; gzip takes seconds to make; none costs the device no decompression, which under QEMU's emulation is the
+# fastest install (the image tests use it; docs/updates.md has the measurements).
+COMPRESSORS = {"xz": ["xz", "-T0", "-6", "-f"], "gz": ["gzip", "-1", "-f"], "none": []}
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -113,19 +139,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_bundle(image: Path, key_dir: Path, out: Path, xz: bool = True) -> Path:
+def make_bundle(image: Path, key_dir: Path, out: Path, compress: str = "xz") -> Path:
     parts = partitions(image)
     version = image_version(parts)
     dest = out / version
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    # The root slot as it is in the image (the erofs and the unused, zero rest of the fixed-size slot).
+    # The root slot's file system as it is in the image (not the zero rest of the fixed-size slot).
     root = dest / f"llmos-edge_{version}.root.raw"
     part = parts[f"{ROOT_PREFIX}{version}"]
-    copy_range(image, part["start"], part["size"], root)
-    if xz:
-        subprocess.run(["xz", "-T0", "-6", "-f", str(root)], check=True)
-        root = root.with_name(root.name + ".xz")
+    copy_range(image, part["start"], used_size(image, part["start"], part["size"]), root)
+    if COMPRESSORS[compress]:
+        subprocess.run([*COMPRESSORS[compress], str(root)], check=True)
+        root = root.with_name(f"{root.name}.{compress}")
     # The UKI from the image's ESP, without its boot counter: sysupdate gives the installed copy its tries.
     esp = f"{image}@@{parts['esp']['start']}"
     listing = subprocess.run(
@@ -156,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--image", type=Path, required=True)
     m.add_argument("--key-dir", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--no-xz", action="store_true", help="leave the root image uncompressed (faster, 1 GiB)")
+    m.add_argument(
+        "--compress",
+        choices=sorted(COMPRESSORS),
+        default="xz",
+        help="the root image's compression: xz (smallest, the default), gz (fast to decompress), none",
+    )
     args = p.parse_args(argv)
     try:
         if args.command == "key":
             print(make_key(args.dir))
         else:
-            dest = make_bundle(args.image, args.key_dir, args.out, xz=not args.no_xz)
+            dest = make_bundle(args.image, args.key_dir, args.out, compress=args.compress)
             for f in sorted(dest.iterdir()):
                 print(f"{f}  {f.stat().st_size} bytes")
     except BundleError as e:

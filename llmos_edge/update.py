@@ -7,7 +7,7 @@ being answered and the unit reboots into the new version (SuccessAction=reboot),
 gate decide whether it stays.
 
 A bundle (`make update-bundle`, image/bundle.py) is a directory, on a USB stick or on /var:
-  llmos-edge_<version>.root.raw[.xz]   the root partition image (erofs), for the other root slot
+  llmos-edge_<version>.root.raw[.xz|.gz]  the root file system (erofs), for the other root slot
   llmos-edge_<version>.efi             the UKI, whose command line names root_<version>
   SHA256SUMS                           their SHA-256 sums, as sha256sum writes them
   SHA256SUMS.gpg                       a detached signature of SHA256SUMS by the build host's update key
@@ -39,7 +39,7 @@ KEYRING = Path("/usr/share/llmos/update-pubring.gpg")
 STAGING = Path("/var/lib/llmos-update")
 SUMS, SIGNATURE = "SHA256SUMS", "SHA256SUMS.gpg"
 # The image id and what sysupdate's MatchPattern= accepts (rootfs-overlay/usr/lib/sysupdate.d/)
-FILE_PATTERN = re.compile(r"llmos-edge_(?P<version>[0-9][0-9A-Za-z.~^-]*?)\.(?P<kind>root\.raw\.xz|root\.raw|efi)")
+FILE_PATTERN = re.compile(r"llmos-edge_(?P<version>[0-9][0-9A-Za-z.~^-]*?)\.(?P<kind>root\.raw(?:\.xz|\.gz)?|efi)")
 CHUNK = 4 << 20
 ROOT_PREFIX, EMPTY_SLOT = "root_", "_empty"  # root slot labels (image/repart/): root_<version>, or empty
 

@@ -5,6 +5,7 @@ runs. Tampering, another key, and a bundle that is not one are refused with one 
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def made(keys: Path, tmp_path: Path) -> Path:
     img = small_image(tmp_path / "img.raw", "0.2.0")
-    return bundle.make_bundle(img, keys, tmp_path / "out", xz=True)
+    return bundle.make_bundle(img, keys, tmp_path / "out", compress="xz")
 
 
 def test_the_bundle_holds_the_root_slot_the_uki_and_signed_sums(made: Path) -> None:
@@ -74,6 +75,24 @@ def test_the_bundle_holds_the_root_slot_the_uki_and_signed_sums(made: Path) -> N
     root = subprocess.run(["xz", "-dc", str(made / "llmos-edge_0.2.0.root.raw.xz")], capture_output=True, check=True)
     assert root.stdout.startswith(ROOT_BYTES) and len(root.stdout) == 4096 * 512  # the whole slot
     assert (made / "llmos-edge_0.2.0.efi").read_bytes() == b"MZ a unified kernel image 0.2.0"
+
+
+def test_an_erofs_root_is_carried_without_the_rest_of_its_slot(keys: Path, tmp_path: Path) -> None:
+    """The image's root slot holds an erofs (mkosi.conf): the bundle carries that file system, gzip'd here, not the
+    zeros after it, and the device accepts the .gz name."""
+    tree = tmp_path / "tree"
+    (tree / "usr").mkdir(parents=True)
+    (tree / "usr" / "os-release").write_text("ID=llmos-edge\n")
+    fs = tmp_path / "root.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(fs), str(tree)], check=True, capture_output=True)
+    img = small_image(tmp_path / "img.raw", "0.3.0")
+    with img.open("r+b") as f:
+        f.seek(bundle.partitions(img)["root_0.3.0"]["start"])
+        f.write(fs.read_bytes())
+    made = bundle.make_bundle(img, keys, tmp_path / "out", compress="gz")
+    root = made / "llmos-edge_0.3.0.root.raw.gz"
+    assert gzip.decompress(root.read_bytes()) == fs.read_bytes()  # the erofs, to its last block, and no further
+    assert update.check_contents(update.parse_sums((made / "SHA256SUMS").read_text())).version == "0.3.0"
 
 
 def test_a_good_bundle_is_verified_and_staged(made: Path, keys: Path, tmp_path: Path) -> None:
