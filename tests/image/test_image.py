@@ -222,8 +222,8 @@ def test_the_default_model_can_be_activated_again(device: Boot) -> None:
 
 TAUGHT_QUESTION = "what is the wi-fi password"
 TAUGHT_ANSWER = "It is on the sticker under the box."
-# One pair on tests/image/consolidate.yaml's budget in the Nehalem guest: about 4 minutes projected on quiet cores,
-# 689 s measured at load average 6 (docs/learning.md); the margin is for busier host cores.
+# One pair on tests/image/consolidate.yaml's budget in the Nehalem guest: 40 steps and 82 answers took 952 s in a
+# fresh-clone CI run (docs/learning.md); this budget is 24 steps and 42 answers. The margin is for busier host cores.
 CONSOLIDATE_TIMEOUT = 1500
 AFTER_CUT: list[Boot] = []  # the boot after the power cut, running until the clean shutdown below
 ROOT_BEFORE: list[str] = []  # the root partition's digest before the first boot's power cut
