@@ -75,9 +75,10 @@ mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop
 mkosi-chroot systemctl mask systemd-boot-random-seed.service systemd-boot-update.service \
     systemd-sysupdate.timer systemd-sysupdate-reboot.timer
 # The product owns ttyS0: no login prompt there, nor on the display (root is locked: nobody logs in). Nothing asks
-# questions at boot. apt's timers would only fail on the read-only root.
+# questions at boot. apt's timers would only fail on the read-only root. dpkg's database cannot change on it either,
+# so its daily backup into /var/backups would only wear the card (issue 14: bytes written to var a day).
 mkosi-chroot systemctl mask serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service
-for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service; do
+for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service dpkg-db-backup.timer; do
     if [ -e "$BUILDROOT/usr/lib/systemd/system/$unit" ] || [ -e "$BUILDROOT/lib/systemd/system/$unit" ]; then
         mkosi-chroot systemctl mask "$unit"
     fi
