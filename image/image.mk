@@ -215,4 +215,4 @@ flash: $(IMAGE)
 IMAGE_TEST := image-test
 
 image-test: $(IMAGE) $(VENV)/.ok
-	$(VENV)/bin/pytest -m image --durations=12 tests/image
+	$(VENV)/bin/pytest -m "image and not soak" --durations=12 tests/image

@@ -1,5 +1,5 @@
-"""Power cuts that lose the disk's write cache (issue 14), shared by test_power_cut.py (four cuts in `make test`) and
-bench/powercut.py (`make bench-powercut`, a hundred).
+"""Power cuts that lose the disk's write cache (issue 14), shared by test_power_cut.py (four cuts in `make test`;
+test_image.py's cut of a streaming answer is a fifth) and bench/powercut.py (`make bench-powercut`, a hundred).
 
 The disk is served by nbdkit through its cache filter in writeback mode (image/volatiledisk.py), so a cut loses every
 write the guest has not flushed, as a real card or SSD with a volatile cache would. A cut comes at a random moment of
