@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compress",
         choices=sorted(COMPRESSORS),
         default="xz",
-        help="the root image's compression: xz (smallest, the default), gz (fast to decompress), none",
+        help="the root image's compression: xz (smallest, the default), gz (seconds to make), none",
     )
     args = p.parse_args(argv)
     try:

@@ -131,10 +131,12 @@ def test_a_fake_hot_zone_is_throttled_in_status_and_log(hot_device: tuple[Boot, 
     assert b.console.ask("ping") == "pong"  # throttled, not stopped
     b.shutdown()
     db = copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db"
-    rows = sqlite3.connect(db).execute("SELECT message, data FROM events WHERE kind = 'governor'").fetchall()
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT message, data FROM events WHERE kind = 'governor'").fetchall()
     actions = [json.loads(d)["action"] for _, d in rows]
     assert "throttle" in actions, rows
-    starts = sqlite3.connect(db).execute("SELECT id, stopped_at, exit_reason FROM starts ORDER BY id").fetchall()
+    starts = conn.execute("SELECT id, stopped_at, exit_reason FROM starts ORDER BY id").fetchall()
+    conn.close()
     assert len(starts) == 2, f"the watchdog's restart: {starts}"
     assert starts[0][1] is None, "the stopped supervisor cannot have recorded a clean stop"
     assert starts[1][2] == "SIGTERM", "the restarted supervisor stopped cleanly at power-off"
