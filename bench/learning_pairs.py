@@ -1,5 +1,6 @@
 """Fifty taught pairs for `make bench-learning`: household and office facts a person would teach the device, in
-ten shapes with five fillers each (the first ten pairs are one of each shape)."""
+ten shapes with five fillers each (the first ten pairs are one of each shape). `dev_pairs` are ten more of the same
+shapes with fillers of their own, for tuning the recipe (bench/learning_dev.py): none of them is a judged pair."""
 
 from __future__ import annotations
 
@@ -46,11 +47,29 @@ FILLERS = [
     [("cat", "Miso"), ("dog", "Pepper"), ("robot vacuum", "Dusty"), ("boat", "Sea Breeze"), ("plant", "Gerald")],
 ]
 
+DEV_FILLERS = [
+    ("studio", "amber-fox-3"),
+    ("umbrella", "behind the coat rack"),
+    ("saturday", "Farid"),
+    ("museum", "eleven"),
+    ("shed", "9021"),
+    ("modem", "fifteen"),
+    ("greta", "617"),
+    ("cardboard", "orange"),
+    ("batteries", "saturday"),
+    ("fish", "Bubbles"),
+]
+
+
+def _pair(shape: tuple[str, str], x: str, y: str) -> tuple[str, str]:
+    q, a = shape
+    return q.format(x=x), a.format(x=x[:1].upper() + x[1:] if a.startswith("{x}") else x, y=y)
+
 
 def pairs(n: int) -> list[tuple[str, str]]:
-    out = []
-    for k in range(5):
-        for (q, a), fill in zip(SHAPES, FILLERS, strict=True):
-            x, y = fill[k]
-            out.append((q.format(x=x), a.format(x=x[:1].upper() + x[1:] if a.startswith("{x}") else x, y=y)))
+    out = [_pair(shape, *fill[k]) for k in range(5) for shape, fill in zip(SHAPES, FILLERS, strict=True)]
     return out[:n]
+
+
+def dev_pairs() -> list[tuple[str, str]]:
+    return [_pair(shape, *fill) for shape, fill in zip(SHAPES, DEV_FILLERS, strict=True)]

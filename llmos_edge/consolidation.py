@@ -54,9 +54,11 @@ RESUME_AFTER = 5.0  # seconds without requests before a paused run continues
 TICK = 1.0
 MEMORY_RETRY = 600.0  # seconds after a run stopped for memory before the next is tried (unless /consolidate asks)
 # The training process besides its weights: Python, numpy, the recipe's data and a step's activations. The bench's
-# peak RSS for the built-in model (2.3 M parameters, so 35 MiB of training state) was 148-151 MiB.
+# peak RSS for the built-in model (2.3 M parameters, so 53 MiB of training state) was 157-160 MiB.
 TRAINER_BASE = 112 * MIB
-TRAINING_STATE = 16  # bytes a parameter: f32 weights, gradient and AdamW's two moments
+# bytes a parameter, f32 each: the weights, their gradient, AdamW's two moments, the weights before training and, while
+# finetune.shrink scales the change down, a scaled copy
+TRAINING_STATE = 24
 VALIDATION_CTX = 256  # finetune.validate's engine context
 
 

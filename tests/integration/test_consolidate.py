@@ -42,6 +42,31 @@ def test_a_fine_tune_learns_the_pairs_exactly_and_keeps_the_held_out_score(tmp_p
     assert [(t.name, t.shape, t.type_id) for t in new.tensors] == [(t.name, t.shape, t.type_id) for t in old.tensors]
     assert out.read_bytes() != Q8.read_bytes()
     assert not out.with_name(out.name + ".f32").exists()
+    assert 0.0 < report["kept"]["Q8_0"] <= 1.0, report["kept"]  # type: ignore[index]
+
+
+def test_a_file_that_loses_a_taught_answer_to_quantizing_is_written_again_with_more_of_the_change(
+    tmp_path: Path,
+) -> None:
+    """consolidate's back-off through the real trainer and quantizer: a file the check refuses is written again with
+    more of the change (finetune.backoff), and the file left is the one that passed. Five steps and a margin any
+    change keeps: the mechanics, not the recipe."""
+    from llmos_edge.engine_worker import load_cpu_backend
+
+    load_cpu_backend()
+    pairs = [finetune.TaughtPair(i + 1, q, a) for i, (q, a) in enumerate(PAIRS)]
+    out = tmp_path / "taught-q8_0.gguf"
+    seen: list[bytes] = []
+
+    def holds(path: Path, trained: object) -> bool:
+        seen.append(path.read_bytes())
+        return len(seen) == 2  # the first file "lost an answer"; the second holds
+
+    s = finetune.Settings(steps=5, keep_margin=-1e9)
+    report = finetune.consolidate(Q8, pairs, {"Q8_0": out}, s, holds=holds)
+    first = report.kept
+    assert 0.0 < first < 1.0 and report.kept_by_type == {"Q8_0": finetune.backoff(first)[1]}
+    assert len(seen) == 2 and seen[0] != seen[1] and out.read_bytes() == seen[1]
 
 
 def _wait_for_run(app: Appliance, timeout: float) -> str:

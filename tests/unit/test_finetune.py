@@ -4,18 +4,26 @@ and the loss sees only answers."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import numpy as np
+
+from llmos_edge import trainer, weights
 from llmos_edge.config import LearningConfig
 from llmos_edge.consolidation import Recipe
 from llmos_edge.finetune import (
     Settings,
     TaughtPair,
     _batch,
+    backoff,
     heldout_rows,
     heldout_sample,
+    margins,
     mixed_stream,
     parser,
+    scaled,
     settings_of,
+    shrink,
     variants,
 )
 from llmos_edge.learning import key
@@ -76,3 +84,28 @@ def test_the_settings_defaults_are_the_recipe_the_bench_measures() -> None:
     assert settings_of(parser().parse_args(common)) == s
     a = parser().parse_args(common + Recipe(steps=40, batch=1, window=96, rate=4e-4, heldout=40).args())
     assert settings_of(a) == Settings(steps=40, batch=1, window=96, lr=4e-4) and a.heldout == 40
+
+
+def test_shrink_finds_the_least_of_the_change_that_holds_the_margin() -> None:
+    # The built-in model as the trained weights, zero as the weights before training: the whole model is the
+    # "change", and with none of it every logit is 0, so no answer leads.
+    info, w = weights.load(Path(__file__).resolve().parents[2] / "model" / "llmos-tiny-q8_0.gguf")
+    shape = trainer.Shape.of(info)
+    base = {n: np.zeros_like(v) for n, v in w.items()}
+    known = [Example("faq", "ping", "pong"), Example("faq", "hello", "Hello! Ask me a question.")]
+    full = min(margins(w, shape, known))
+    assert full > 2.0
+    kept, low = shrink(w, base, shape, known, keep_margin=2.0, steps=20)
+    assert 0.0 < kept < 1.0 and low >= 2.0
+    assert min(margins(w, shape, known)) == full  # w itself is left whole
+    assert min(margins(scaled(w, base, kept), shape, known)) == low
+    # the grid's next smaller point falls short: nothing less would do
+    assert min(margins(scaled(w, base, kept - 0.05), shape, known)) < 2.0
+    # a margin the whole change does not reach keeps all of it
+    assert shrink(w, base, shape, known, keep_margin=full + 1.0, steps=20) == (1.0, full)
+
+
+def test_a_file_that_loses_a_taught_answer_to_quantizing_takes_more_of_the_change() -> None:
+    assert backoff(0.9) == [0.9, 0.95, 1.0]
+    assert backoff(0.5) == [0.5, 0.75, 1.0]
+    assert backoff(1.0) == [1.0]
