@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmos_edge.wear import WearMeter, device_of, lifetime_bytes, written_bytes
+from llmos_edge.wear import SETTLE_S, WearMeter, device_of, lifetime_bytes, written_bytes
 
 MOUNTINFO = """\
 22 1 254:2 / / ro,relatime shared:1 - erofs /dev/vda2 ro,user_xattr
@@ -47,18 +47,24 @@ def test_the_database_partition_is_found_through_the_longest_mount(tmp_path: Pat
     assert device_of("/tmp/x", proc, sys) is None  # a tmpfs: no block device to wear
 
 
+def set_uptime(proc: Path, seconds: float) -> None:
+    (proc / "uptime").write_text(f"{seconds:.2f} {2 * seconds:.2f}\n")
+
+
 def test_idle_and_request_bytes_are_told_apart(tmp_path: Path) -> None:
     proc, sys = fake_machine(tmp_path, 0)
     m = WearMeter("/var/lib/llmos", proc_root=proc, sys_root=sys)
     assert "idle rate not measured yet" in m.line()
-    written = 0
+    written, up = 0, 3600.0  # a supervisor started an hour after the boot
     for _ in range(6):  # an idle hour in 10-minute ticks: 200 sectors (102.4 kB) each
-        written += 200
+        written, up = written + 200, up + 600
         set_sectors(sys, written)
+        set_uptime(proc, up)
         m.tick(600, 0)
     for _ in range(2):  # two busy ticks of 10 minutes with 5 requests each: idle's 200 sectors + 5 x 80
-        written += 200 + 5 * 80
+        written, up = written + 200 + 5 * 80, up + 600
         set_sectors(sys, written)
+        set_uptime(proc, up)
         m.tick(600, 5)
     assert m.idle_per_hour() == 1200 * 512
     assert m.per_request() == 80 * 512
@@ -76,12 +82,25 @@ def test_without_a_block_device_the_line_says_so(tmp_path: Path) -> None:
 
 
 def test_the_boots_own_writes_are_not_taken_for_the_idle_rate(tmp_path: Path) -> None:
+    """The first SETTLE_S of uptime (the boot's writes, its one-off timers) count in the total only."""
     proc, sys = fake_machine(tmp_path, 0)
     m = WearMeter("/var/lib/llmos", proc_root=proc, sys_root=sys)
-    written = 0
-    for tick in range(24):  # 12 ticks of 10 s settling (a burst of 40000 sectors in the first), then 12 quiet ones
-        written += (40000 if tick == 0 else 0) + 10
+    written, up = 0, 30.0  # the supervisor starts 30 s into the boot
+    while up < SETTLE_S + 600:  # ticks of 60 s: a 20 MB burst at the start and one at 15 minutes, else 10 sectors
+        up += 60
+        written += (40000 if up in (90, 900 + 30) else 0) + 10
         set_sectors(sys, written)
-        m.tick(10, 0)
-    assert m.idle_per_hour() == 10 * 512 * 360  # the quiet ticks' rate, not the boot's 20 MB
-    assert "20.6 MB written to /var/lib/llmos (vda3) since start" in m.line(), m.line()
+        set_uptime(proc, up)
+        m.tick(60, 0)
+    assert m.idle_per_hour() == 10 * 512 * 60  # the quiet ticks' rate, not the bursts
+    assert "41.1 MB written to /var/lib/llmos (vda3) since start" in m.line(), m.line()
+
+
+def test_a_supervisor_restarted_long_after_the_boot_measures_at_once(tmp_path: Path) -> None:
+    proc, sys = fake_machine(tmp_path, 0)
+    set_uptime(proc, 86400)
+    m = WearMeter("/var/lib/llmos", proc_root=proc, sys_root=sys)
+    set_sectors(sys, 100)
+    set_uptime(proc, 86460)
+    m.tick(60, 0)
+    assert m.idle_per_hour() == 100 * 512 * 60
