@@ -110,14 +110,7 @@ def main() -> int:
 
 
 def answers(model: Path, rows: list[dict[str, str]], threads: int) -> list[str]:
-    from llmos_edge.engine import Engine, EngineSettings
-
-    engine = Engine(EngineSettings(str(model), n_ctx=256, n_threads=threads))
-    engine.start()
-    try:
-        return [engine.generate(r["prompt"], len(r["answer"]) + 16, lambda _t: None, lambda: False).text for r in rows]
-    finally:
-        engine.stop()
+    return finetune.validate(model, [], rows, threads).answers
 
 
 def by_margin(

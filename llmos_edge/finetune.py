@@ -102,6 +102,7 @@ class Report:
     converged: bool = False
     kept: float = 1.0  # the share of the trained change that keeps Settings.keep_margin (f32)
     kept_by_type: dict[str, float] = field(default_factory=dict)  # what each quantized file got (consolidate)
+    trained: list[TaughtPair] = field(default_factory=list)  # the pairs of `pairs` (consolidate)
 
 
 def variants(question: str) -> list[str]:
@@ -267,12 +268,14 @@ def consolidate(
     """Fine-tune the master on `pairs` and write the result quantized to each type of `outs` (type -> path; the f32
     file in between is removed). Needs a llama.cpp CPU backend loaded in this process (for the quantizer).
     `holds(file, pairs)`: whether a quantized file answers every trained pair; when it does not, that type is written
-    again with more of the change (`backoff`). Report.kept_by_type says what each file got."""
+    again with more of the change (`backoff`). It is asked of every file written, the last included, so the last call
+    for a type is about the file that stays. Report.kept_by_type says what each file got; Report.trained the pairs
+    the fine-tune used."""
     info, w = weights.load(master)
     shape = trainer.Shape.of(info)
     base = {n: v.copy() for n, v in w.items()}
     report = fine_tune(w, shape, pairs, s, pause, progress, base=base)
-    trained = [p for p in pairs if p.id in report.pairs]
+    trained = report.trained = [p for p in pairs if p.id in report.pairs]
     first = next(iter(outs.values()))
     f32 = first.with_name(first.name + ".f32")
     try:
@@ -281,7 +284,8 @@ def consolidate(
                 weights.write_f32(info, scaled(w, base, k) if k < 1.0 else w, f32)
                 weights.quantize(f32, out, quantization, threads)
                 report.kept_by_type[quantization] = k
-                if k >= 1.0 or holds is None or not trained or holds(out, trained):
+                # the last rung is checked too: `holds` may keep what it measured of the file that stays
+                if holds is None or not trained or holds(out, trained) or k >= 1.0:
                     break
                 progress(f"{quantization} at {k:.2f} of the change lost a taught answer to quantizing: more of it")
     finally:
@@ -295,6 +299,11 @@ class Validation:
     heldout: tuple[int, int]
     misses: list[str]
     tasks: dict[str, list[int]] = field(default_factory=dict)  # held-out task -> [exact, asked]
+    answers: list[str] = field(default_factory=list)  # every answer, the taught questions' first
+
+    @property
+    def taught_exact(self) -> bool:
+        return self.taught[0] == self.taught[1]
 
     def describe(self) -> str:
         (t, tn), (h, hn) = self.taught, self.heldout
@@ -352,9 +361,11 @@ def validate(
     engine = Engine(EngineSettings(str(model), n_ctx=256, n_threads=threads))
     engine.start()
     misses: list[str] = []
+    answers: list[str] = []
 
     def ask(prompt: str, want: str) -> bool:
         got = engine.generate(prompt, len(want) + 16, lambda _t: None, lambda: False).text
+        answers.append(got)
         if got != want and len(misses) < 20:
             misses.append(f"{prompt!r}: want {want!r}, got {got!r}")
         return got == want
@@ -369,7 +380,7 @@ def validate(
     finally:
         engine.stop()
     held = sum(t[0] for t in tasks.values())
-    return Validation((taught, len(pairs)), (held, len(heldout)), misses, tasks)
+    return Validation((taught, len(pairs)), (held, len(heldout)), misses, tasks, answers)
 
 
 def run(
@@ -394,19 +405,26 @@ def run(
     heldout = heldout_sample(heldout_rows(), heldout_n)
     t0 = time.monotonic()
 
+    # Each file written is validated whole once (taught and held-out, one engine): the back-off needs its taught
+    # answers, and the last file's validation is the one reported.
+    checked: dict[Path, Validation] = {}
+    checking = [0.0]  # seconds of it inside consolidate: validation's, not training's
+
     def holds(out: Path, trained: Sequence[TaughtPair]) -> bool:
-        v = validate(out, trained, [], threads)
-        return v.taught[0] == v.taught[1]
+        start = time.monotonic()
+        checked[out] = validate(out, trained, heldout, threads)
+        checking[0] += time.monotonic() - start
+        return checked[out].taught_exact
 
     report = consolidate(master, pairs, outs, s, progress=progress, threads=threads, holds=holds)
     t1 = time.monotonic()
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # training and quantizing: the engine is not started yet
-    trained = [p for p in pairs if p.id in report.pairs]
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # training and quantizing: this process's own engine is not up
+    trained = report.trained
     results: dict[str, dict[str, Any]] = {}
     for quantization, out in outs.items():
         base_path = (baselines or {}).get(quantization, master)
         base = validate(base_path, trained, heldout, threads)
-        after = validate(out, trained, heldout, threads)
+        after = checked.get(out) or validate(out, trained, heldout, threads)
         progress(f"{quantization}: before {base.describe()}; after {after.describe()}")
         base_pct = 100 * base.heldout[0] / max(base.heldout[1], 1)
         after_pct = 100 * after.heldout[0] / max(after.heldout[1], 1)
@@ -434,8 +452,8 @@ def run(
         "kept": report.kept_by_type or report.kept,
         "min_margin": report.min_margin,
         "final_loss": report.losses[-1] if report.losses else None,
-        "train_seconds": round(t1 - t0, 2),
-        "validate_seconds": round(time.monotonic() - t1, 2),
+        "train_seconds": round(t1 - t0 - checking[0], 2),
+        "validate_seconds": round(time.monotonic() - t1 + checking[0], 2),
         # training and quantizing only (this process until validation); ru_maxrss is KiB on Linux
         "train_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "train_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),

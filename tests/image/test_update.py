@@ -7,13 +7,15 @@ variable store kept between boots like a board's NVRAM (boot counting lives in t
 variables); QEMU runs with -no-reboot, so every reboot of the guest ends a QEMU run and the test starts the next.
   1. V with the good stick: `/update /media/UPDATE`; the device verifies, installs and reboots.
   2. V.1 boots (its UKI counted: +3), passes the health gate, is blessed; /status names V.1 and the other slot V;
-     what was asked before the update is still in the database.
+     what was asked before the update is still in the database. The broken stick is already plugged in, and this
+     boot goes on to step 4 (a boot is the expensive part under TCG), unless step 3 runs.
   3. (`make bench-powercut`, marked soak: its two boots and a third bundle do not fit CI's 90 minutes beside the
      rest) a third stick, V.1.1, and a power cut at a random moment of its install, on a disk whose unflushed writes
      the cut loses (nbdkit's writeback cache): the ESP must name only whole slots, and the next boot comes up on V.1.1
      (installed whole before the cut) or V.1 (the install was cut short), with no half-staged update left.
   4. the broken stick: `/update`; V.2 boots and fails its gate three times (each failure reboots), then systemd-boot
-     falls back to V.1 by itself, which answers again; V.2's UKI is left with no tries.
+     falls back to V.1 by itself, which answers again; V.2's UKI is left with no tries. What was asked on V and V.1
+     is in the database, and the journal has both installs.
 Building the two bundles takes a few minutes (warm mkosi cache); the boots 15-25 minutes under TCG.
 
 Environment: LLMOS_MAKE_ARGS, extra `make` arguments for building the bundles the way the image was built (for
@@ -30,6 +32,7 @@ import shlex
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,19 @@ from powercut import seed
 # install took: the power-cut test cuts within that time, and the broken-update test starts from what it left.
 RAN: list[str] = []
 INSTALL_S: list[float] = []
+RUNNING: list[Boot] = []  # the good update's boot, left running with the broken stick in for the broken update
+
+
+def running_or_boot(disk: Path, efi_vars: Path, name: str, **options: object) -> Boot:
+    """The boot the good update left running when there is one and nothing else is asked of it (no stick of its
+    own, no volatile disk); else that one is powered off cleanly and the disk booted afresh."""
+    if RUNNING:
+        b = RUNNING.pop()
+        if not options:
+            return b
+        b.shutdown()
+    return boot(disk, name, efi_vars=efi_vars, **options)  # type: ignore[arg-type]
+
 
 INSTALL_TIMEOUT = 1800  # verify the 480 MB erofs, write it to the slot under TCG (148 s measured), then reboot
 FAILED_BOOT_TIMEOUT = 900  # a broken boot: up to the gate's failure and the reboot it causes
@@ -121,9 +137,13 @@ def broken_stick(versions: tuple[str, str, str], tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="module")
-def device(image: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def device(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     tmp = tmp_path_factory.mktemp("ab")
-    return card(image, tmp / "disk.raw"), tmp / "efi-vars.fd"
+    yield card(image, tmp / "disk.raw"), tmp / "efi-vars.fd"
+    for b in RUNNING:  # a test failed before taking it over: stop its QEMU (by PID)
+        b.console.close()
+        if b.vm is not None:
+            b.vm.close()
 
 
 def system_line(b: Boot) -> str:
@@ -160,7 +180,7 @@ def update_and_wait_for_the_reboot(b: Boot, stick_path: str = "/media/UPDATE") -
 
 
 def test_a_good_update_installs_and_is_kept(
-    device: tuple[Path, Path], good_stick: Path, versions: tuple[str, str, str], tmp_path: Path
+    device: tuple[Path, Path], good_stick: Path, broken_stick: Path, versions: tuple[str, str, str]
 ) -> None:
     disk, efi_vars = device
     old, new, _ = versions
@@ -173,26 +193,25 @@ def test_a_good_update_installs_and_is_kept(
     finally:
         if first.vm is not None:
             first.vm.close()
-    second = boot(disk, "update-second", efi_vars=efi_vars)
+    # The broken update's stick is in already: this boot goes on to test_a_broken_update_rolls_back_by_itself.
+    second = boot(disk, "update-second", efi_vars=efi_vars, usb_stick=broken_stick)
     try:
         measure("update_boot_wall_s_to_ready", round(second.wall_s, 1))
         assert system_line(second) == f"system: version {new}; other slot: version {old}"
         assert second.console.ask("ping") == "pong"
+        # asked on V before the update: the database came through it (the disk is read again after the last test)
+        logs = second.console.ask("/logs 10")
+        assert "'reverse before' -> 'erofeb'" in logs, logs
         wait_blessed(disk, f"llmos-edge_{new}.efi")  # a power-off before that would spend one of its tries
         RAN.append(new)
-        second.shutdown()
+        labels = list(partitions(disk))
+        assert labels == ["esp", f"root_{old}", f"root_{new}", "var"], labels
+        # the new UKI passed its health gate and was blessed (no counter left); the old one stays for a rollback
+        assert esp_files(disk) == sorted([f"llmos-edge_{old}.efi", f"llmos-edge_{new}.efi"]), esp_files(disk)
+        RUNNING.append(second)
     finally:
-        if second.vm is not None:
+        if not RUNNING and second.vm is not None:
             second.vm.close()
-    labels = list(partitions(disk))
-    assert labels == ["esp", f"root_{old}", f"root_{new}", "var"], labels
-    # the new UKI passed its health gate and was blessed (no counter left); the old one stays for a rollback
-    assert esp_files(disk) == sorted([f"llmos-edge_{old}.efi", f"llmos-edge_{new}.efi"]), esp_files(disk)
-    db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
-    prompts = {r[0] for r in db.execute("SELECT prompt FROM requests")}
-    assert {"reverse before", "ping"} <= prompts, prompts
-    log = journal(disk, tmp_path / "j", "-u", "llmos-update.service", "-o", "cat")
-    assert f"llmos update: version {new} verified" in log and f"version {new} installed" in log, log
 
 
 def slot_holds(disk: Path, label: str, root_raw: Path) -> bool:
@@ -230,7 +249,7 @@ def test_a_power_cut_during_an_update_leaves_a_whole_version_to_boot(
     stick = stick_of(cut_bundle, tmp_path / "stick.raw")
     rng = random.Random(seed())  # the commit under test seeds the moment, as the other power cuts (powercut.py)
     at = rng.uniform(5, 0.8 * INSTALL_S[-1])
-    b = boot(disk, "update-cut", efi_vars=efi_vars, usb_stick=stick, volatile_cache=True)
+    b = running_or_boot(disk, efi_vars, "update-cut", usb_stick=stick, volatile_cache=True)
     try:
         said = b.console.ask("/update /media/UPDATE")
         assert said.startswith("update requested from /media/UPDATE"), said
@@ -284,7 +303,10 @@ def test_a_broken_update_rolls_back_by_itself(
     _, _, broken = versions
     assert RAN, "runs after test_a_good_update_installs_and_is_kept (same module, same disk)"
     good = RAN[-1]
-    b = boot(disk, "rollback-request", efi_vars=efi_vars, usb_stick=broken_stick)
+    if RUNNING:  # the good update's boot, with this stick in
+        b = running_or_boot(disk, efi_vars, "rollback-request")
+    else:
+        b = boot(disk, "rollback-request", efi_vars=efi_vars, usb_stick=broken_stick)
     try:
         assert system_line(b).startswith(f"system: version {good};")
         update_and_wait_for_the_reboot(b)
@@ -334,3 +356,11 @@ def test_a_broken_update_rolls_back_by_itself(
     log = journal(disk, tmp_path / "j", "-u", "llmos-health.service", "-o", "cat")
     assert log.count("llmos health: bad: llmos.service") >= 3, log
     (ARTIFACTS / "rollback-esp.txt").write_text("\n".join(files) + "\n")
+    # Two updates later, what was asked on V before the first and on V.1 is in the database; both installs logged.
+    db = sqlite3.connect(copy_from_var(disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
+    prompts = {r[0] for r in db.execute("SELECT prompt FROM requests")}
+    assert {"reverse before", "ping"} <= prompts, prompts
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    log = journal(disk, tmp_path / "j2", "-u", "llmos-update.service", "-o", "cat")
+    for v in [*RAN[:1], broken]:
+        assert f"llmos update: version {v} verified" in log and f"version {v} installed" in log, log
