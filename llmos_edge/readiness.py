@@ -109,6 +109,7 @@ class Readiness:
         self.watch = ThreadWatch(store)
         self.ready_sent = False
         self.self_test = "not run"
+        self.before_ready: list[threading.Thread] = []  # READY=1 waits for these too (asking systemd for time)
 
     def wait_until_steady(self) -> None:
         """Block until serving (the model that came up passed its gate) or settled in a state a person must fix;
@@ -147,6 +148,11 @@ class Readiness:
             if keeper.es.state is KeeperState.FAILED:
                 break
             self.notify_status()
+        for job in self.before_ready:  # loading what must not load under the watchdog (voice's models)
+            while job.is_alive() and not self.stopping.is_set():
+                self.notifier.notify(f"EXTEND_TIMEOUT_USEC={HOT_BOOT_EXTEND_S * 1_000_000}")
+                self.notify_status()
+                job.join(1.0)
         if not self.stopping.is_set():
             self.notifier.notify("READY=1")
             self.ready_sent = True

@@ -221,10 +221,11 @@ class Supervisor:
         # flash wear (issue 14): bytes written to the database's partition, counted at the sampler's ticks
         self.wear = WearMeter(Path(c.database.path).parent)
         self.sampler = Sampler(self.store, self.status, c.database.sample_interval, self.wear)
-        # voice (issue 6): starts after READY when voice.capture can record; else /status says why
+        # voice (issue 6): when voice.capture can record, its models load beside the engine's before READY and it
+        # listens from READY on; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
         if self.voice.will_run():
-            # The model's memory budget is set before voice starts (after READY): leave voice its room now.
+            # The model's memory budget is set as the engine loads, beside voice: leave voice its room now.
             self.governor.memory.reserve_extra = VOICE_MEMORY_MB * MIB
             log.info("memory: %d MiB reserved for the voice front-end", VOICE_MEMORY_MB)
 
@@ -464,6 +465,11 @@ class Supervisor:
         for message in self.recovered:
             self.store.event("model_store_recovered", message)
         self.keeper.start()
+        if self.voice.will_run():
+            # voice (issue 6): its models load now, beside the engine's, and READY waits for them (Voice.load says why)
+            loading = threading.Thread(target=self.voice.load, name="voice-load", daemon=True)
+            loading.start()
+            self.readiness.before_ready.append(loading)
         self.scheduler.start()
         self.governor.start()  # governor (issue 4)
         self.readiness.watch.add("engine-keeper", self.keeper.alive)
@@ -500,7 +506,8 @@ class Supervisor:
             except UserError as e:
                 log.warning("%s", e)
         if not self.stopping.is_set():
-            # voice (issue 6): loading its models takes seconds on a slow board; the watchdog loop must not wait.
+            # voice (issue 6): starting it probes the microphone again (one plugged in later starts it then); the
+            # watchdog loop must not wait for that.
             threading.Thread(target=self.voice.start_when_present, name="voice-start", daemon=True).start()
         self.readiness.keep_alive()
         return self.shutdown()

@@ -158,6 +158,8 @@ class Voice:
         self._active: Request | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._load_lock = threading.Lock()
+        self._load_failed = ""  # why load() could not build the models
         self.device_missing = False  # the last start found no capture device (start_when_present looks again)
         self.mic_poll_s = MIC_POLL_S
         self.on_interaction: Callable[[Interaction], None] = lambda _i: None  # tests and the benchmark listen here
@@ -188,24 +190,10 @@ class Voice:
                     log.info("voice: %s; voice front-end not started", why)
             self.state = why
             return False
-        try:
-            from llmos_edge.voice_vad import Endpointer, SileroVAD
-
-            self.recognizer = make_recognizer(self.cfg)
-            self.synth = Synth(self.cfg.tts_voice, self.cfg.tts_speed)
-            self.endpointer = Endpointer(
-                SileroVAD(),
-                threshold=self.cfg.vad_threshold,
-                end_silence_ms=self.cfg.end_silence_ms,
-                sustained_ms=self.cfg.barge_in_ms,
-            )
-        except UserError as e:
-            self.state = f"not started: {e}"
-            log.error("voice: %s", e)
-            return False
-        except ImportError as e:
-            self.state = f"not installed ({e.name}); pip install 'llmos-edge[voice]'"
-            log.error("voice: %s", self.state)
+        failed = self.load()
+        if failed:
+            self.state = failed
+            log.error("voice: %s", failed)
             return False
         self._threads = [
             threading.Thread(target=self._listen, name="voice-listen", daemon=True),
@@ -214,6 +202,35 @@ class Voice:
         for t in self._threads:
             t.start()
         return True
+
+    def load(self) -> str:
+        """Build the recogniser, the synthesiser and the VAD: imports of pocketsphinx and onnxruntime and their
+        models, seconds on a slow board, with Python's GIL held for much of it. `start` calls it; the supervisor calls
+        it earlier, before READY and while the engine loads in its own process, because systemd's watchdog is not
+        armed before READY and after it those seconds would starve the watchdog's pings (seen in a guest slowed to a
+        third of its speed: killed by the watchdog, and the health gate failed the boot). Once built they are kept.
+        Returns why it failed ("" when built), also on later calls."""
+        with self._load_lock:
+            if self.recognizer is None and not self._load_failed:
+                t0 = time.monotonic()
+                try:
+                    from llmos_edge.voice_vad import Endpointer, SileroVAD
+
+                    recognizer = make_recognizer(self.cfg)
+                    self.synth = Synth(self.cfg.tts_voice, self.cfg.tts_speed)
+                    self.endpointer = Endpointer(
+                        SileroVAD(),
+                        threshold=self.cfg.vad_threshold,
+                        end_silence_ms=self.cfg.end_silence_ms,
+                        sustained_ms=self.cfg.barge_in_ms,
+                    )
+                    self.recognizer = recognizer
+                    log.info("voice: models loaded in %.1f s", time.monotonic() - t0)
+                except UserError as e:
+                    self._load_failed = f"not started: {e}"
+                except ImportError as e:
+                    self._load_failed = f"not installed ({e.name}); pip install 'llmos-edge[voice]'"
+            return self._load_failed
 
     def start_when_present(self) -> None:
         """`start`, and while the only thing missing is the capture device, look again every `mic_poll_s`

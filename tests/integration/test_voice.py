@@ -214,6 +214,8 @@ def test_spoken_question_gets_the_models_answer_spoken(
         config=f"voice:\n  capture: mic\n  playback: speaker\n  questions: {questions}\n  end_silence_ms: 400\n"
     )
     app.wait_ready()
+    # the models loaded before READY (while the engine loaded), not under systemd's watchdog (Voice.load)
+    assert "voice: models loaded in" in app.output(), app.output()
     rows = wait_for_rows(app.db, 2, 60)
     print("voice rows:", rows)
     assert [r["outcome"] for r in rows[:2]] == ["wake", "ok"], rows
