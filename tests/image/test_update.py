@@ -34,6 +34,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import serial
@@ -63,7 +64,7 @@ INSTALL_S: list[float] = []
 RUNNING: list[Boot] = []  # the good update's boot, left running with the broken stick in for the broken update
 
 
-def running_or_boot(disk: Path, efi_vars: Path, name: str, **options: object) -> Boot:
+def running_or_boot(disk: Path, efi_vars: Path, name: str, **options: Any) -> Boot:
     """The boot the good update left running when there is one and nothing else is asked of it (no stick of its
     own, no volatile disk); else that one is powered off cleanly and the disk booted afresh."""
     if RUNNING:
@@ -71,7 +72,7 @@ def running_or_boot(disk: Path, efi_vars: Path, name: str, **options: object) ->
         if not options:
             return b
         b.shutdown()
-    return boot(disk, name, efi_vars=efi_vars, **options)  # type: ignore[arg-type]
+    return boot(disk, name, efi_vars=efi_vars, **options)
 
 
 INSTALL_TIMEOUT = 1800  # verify the 480 MB erofs, write it to the slot under TCG (148 s measured), then reboot
