@@ -224,7 +224,8 @@ class Supervisor:
         # voice (issue 6): when voice.capture can record, its models load beside the engine's before READY and it
         # listens from READY on; else /status says why
         self.voice = Voice(c.voice, self.scheduler, self.store, self.status, c.model.max_tokens)
-        if self.voice.will_run():
+        self.voice_at_boot = self.voice.will_run()  # probed once: run() loads voice's models before READY then
+        if self.voice_at_boot:
             # The model's memory budget is set as the engine loads, beside voice: leave voice its room now.
             self.governor.memory.reserve_extra = VOICE_MEMORY_MB * MIB
             log.info("memory: %d MiB reserved for the voice front-end", VOICE_MEMORY_MB)
@@ -465,7 +466,7 @@ class Supervisor:
         for message in self.recovered:
             self.store.event("model_store_recovered", message)
         self.keeper.start()
-        if self.voice.will_run():
+        if self.voice_at_boot:
             # voice (issue 6): its models load now, beside the engine's, and READY waits for them (Voice.load says why)
             loading = threading.Thread(target=self.voice.load, name="voice-load", daemon=True)
             loading.start()
