@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import serial
+import serial.serialposix
+from serial.urlhandler import protocol_socket
 
 from llmos_edge import factory_reset, protocol
 from llmos_edge.errors import UserError
@@ -97,20 +99,49 @@ class FdPort:
         return data
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        deadline = time.monotonic() + 2.0
-        while view and time.monotonic() < deadline:
-            _, ready, _ = select.select([], [self.write_fd], [], 0.2)
-            if ready:
-                try:
-                    view = view[os.write(self.write_fd, view) :]
-                except BlockingIOError:
-                    continue
-        return len(data) - len(view)
+        return write_fd(self.write_fd, data)
 
     def close(self) -> None:
         if self._saved is not None:
             termios.tcsetattr(self.read_fd, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
+
+
+WRITE_POLL_S = 0.2
+WRITE_STALL_S = 2.0  # a terminal that takes no byte for this long of our waiting on it is not reading
+WRITE_CHUNK = 512  # bytes a write; a blocking descriptor (the terminal, stdio) then blocks no longer than that takes
+
+
+def write_fd(fd: int, data: bytes, stall_s: float = WRITE_STALL_S) -> int:
+    """Write `data` to `fd` and return how many bytes went out; fewer only when the other end took nothing for
+    `stall_s` while we waited on it. That wait is counted in select() timeouts, not by the clock: a writer thread that
+    was not run for seconds (the GIL held by a model loading, a starved guest) must not take its own stall for a
+    terminal that stopped reading. pyserial's write_timeout does: it raised after the whole /status had gone out, the
+    console dropped the prompt that followed, and a program waiting for `llmos> ` waited forever."""
+    view = memoryview(data)
+    waited = 0.0
+    while view and waited < stall_s:
+        _, ready, _ = select.select([], [fd], [], WRITE_POLL_S)
+        try:
+            n = os.write(fd, view[:WRITE_CHUNK]) if ready else 0
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n:
+            view, waited = view[n:], 0.0
+        else:
+            if ready:  # writable, yet it took nothing: do not spin on it
+                time.sleep(WRITE_POLL_S)
+            waited += WRITE_POLL_S
+    return len(data) - len(view)
+
+
+def port_fd(port: Port) -> int | None:
+    """The descriptor to write to directly (write_fd), or None for a port that frames its own bytes (rfc2217://,
+    loop://): those keep pyserial's write and its timeout."""
+    if isinstance(port, FdPort):
+        return port.write_fd
+    if isinstance(port, (serial.serialposix.Serial, protocol_socket.Serial)) and port.is_open:
+        return int(port.fileno())
+    return None
 
 
 def open_port(device: str, baud: int) -> Port:
@@ -348,21 +379,22 @@ class Console:
                 note = f"\r\n[{self._dropped} bytes of output dropped: the terminal was not reading]\r\n".encode()
             self._dropped = 0
             data = note + data
+        fd = port_fd(port)
         try:
-            written = port.write(data)
+            written = write_fd(fd, data) if fd is not None else port.write(data)
+            failure = "" if written is None or written == len(data) else f"it took nothing for {WRITE_STALL_S:.0f} s"
         except (serial.SerialTimeoutException, serial.SerialException, OSError) as e:
-            self._dropped += len(data)
-            log.warning("console write failed (%s); output is dropped until the terminal reads again", e)
-            # Whatever is queued meanwhile would only time out too: drop it now, count it, and say so later.
+            written, failure = 0, str(e) or type(e).__name__
+        if failure:
+            self._dropped += len(data) - (written or 0)
+            log.warning("console write failed (%s); output is dropped until the terminal reads again", failure)
+            # Whatever is queued meanwhile would only stall too: drop it now, count it, and say so later.
             while True:
                 try:
                     self._dropped += len(self._out.get_nowait())
                     self._out.task_done()
                 except queue.Empty:
                     break
-            return
-        if written is not None and written < len(data):
-            self._dropped += len(data) - written
 
     @staticmethod
     def _event_bytes(event: Event) -> bytes:
