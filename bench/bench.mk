@@ -117,7 +117,7 @@ bench-boot: venv $(BARE_IMAGE)
 	$(MAKE) image VOICE=0
 	$(MAKE) image VOICE=1
 	$(PY) bench/boot.py --image build/image-novoice/llmos-edge.raw --voice-image build/image/llmos-edge.raw \
-	  --voice-rounds 1 --bare $(BARE_IMAGE) --rounds 2 --write
+	  --voice-rounds 1 --bare $(BARE_IMAGE) --rounds 3 --write
 
 # Issue 14: a hundred power cuts that lose the disk's write cache (about three hours under TCG; not in `make bench`).
 .PHONY: bench-powercut
