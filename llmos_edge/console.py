@@ -135,10 +135,8 @@ def write_fd(fd: int, data: bytes, stall_s: float = WRITE_STALL_S) -> int:
 
 
 def port_fd(port: Port) -> int | None:
-    """The descriptor to write to directly (write_fd), or None for a port that frames its own bytes (rfc2217://,
-    loop://): those keep pyserial's write and its timeout."""
-    if isinstance(port, FdPort):
-        return port.write_fd
+    """The pyserial port's descriptor to write to directly (write_fd), or None: an FdPort's own write is write_fd
+    already, and a port that frames its own bytes (rfc2217://, loop://) keeps pyserial's write and its timeout."""
     if isinstance(port, (serial.serialposix.Serial, protocol_socket.Serial)) and port.is_open:
         return int(port.fileno())
     return None
@@ -150,7 +148,8 @@ def open_port(device: str, baud: int) -> Port:
     if device == "stdio":
         return FdPort(0, 1, raw=True)
     try:
-        # write_timeout: with nobody reading a pty, writes would block the answer (and so the engine) forever.
+        # write_timeout: for the ports port_fd leaves to pyserial; with nobody reading, writes would block the
+        # answer (and so the engine) forever. A device, pty or socket:// port is written by write_fd instead.
         return serial.serial_for_url(device, baudrate=baud, timeout=0.2, write_timeout=2)  # type: ignore[no-any-return]
     except (serial.SerialException, OSError, ValueError) as e:
         raise UserError(
