@@ -119,6 +119,14 @@ bench-boot: venv $(BARE_IMAGE)
 	$(PY) bench/boot.py --image build/image-novoice/llmos-edge.raw --voice-image build/image/llmos-edge.raw \
 	  --voice-rounds 1 --bare $(BARE_IMAGE) --rounds 3 --write
 
+# Issue 17: the arm64 image's size, and tokens per second in its emulated guest beside the x86-64 guest's (minutes).
+.PHONY: bench-arm64
+bench: bench-arm64
+bench-arm64: venv
+	$(MAKE) image ARCH=arm64
+	$(MAKE) image
+	$(PY) bench/arm64.py --image build/image-arm64/llmos-edge.raw --x86-image build/image/llmos-edge.raw --write
+
 # Issue 14: a hundred power cuts that lose the disk's write cache (about three hours under TCG; not in `make bench`).
 .PHONY: bench-powercut
 bench-powercut: venv $(IMAGE)

@@ -9,6 +9,8 @@ the image build and the host's backports repository reuse it.
   aptsources.py image --out DIR           DIR/etc/apt/sources.list.d/mkosi.sources (main, updates, security)
                                           for mkosi's package manager tree; mkosi then uses it instead of
                                           its own list, which adds a debian-debug repository mirrors refuse
+  aptsources.py firmware [--release R]    deb822 text for R's main and non-free-firmware (the Raspberry Pi's boot
+                                          firmware, image/rpiboot.sh)
   aptsources.py codename                  the host's Debian codename (the image is built for the same release,
                                           so wheels built on the host match the image's Python)
 """
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("codename")
     sub.add_parser("host-backports")
+    fw = sub.add_parser("firmware")
+    fw.add_argument("--release", help="Debian codename (default: the host's)")
     img = sub.add_parser("image")
     img.add_argument("--out", type=Path, required=True, help="package manager tree to write")
     img.add_argument("--release", help="Debian codename of the image (default: the host's)")
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         print(host_codename())
     elif args.command == "host-backports":
         sys.stdout.write(host_backports(host_codename()))
+    elif args.command == "firmware":
+        release = args.release or host_codename()
+        sys.stdout.write(stanza(archive_uri(host_sources(), release), [release], "main non-free-firmware"))
     else:
         release = args.release or host_codename()
         target = args.out / "etc/apt/sources.list.d/mkosi.sources"

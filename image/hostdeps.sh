@@ -58,6 +58,33 @@ if [ -n "$need" ]; then
     apt_install $need
 fi
 
+# ARCH=arm64 (docs/arm64.md): the cross compiler for llama.cpp, qemu-user-static (mkosi runs the image's arm64
+# package scripts and pip through it), QEMU's arm64 machine and its UEFI firmware (AAVMF), and arm64 package lists
+# for the systemd packages from backports (image/image.mk downloads them like the amd64 ones).
+if [ "${ARCH:-x86-64}" = arm64 ]; then
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        echo "== adding arm64 to dpkg's architectures (package lists only: nothing arm64 is installed on this host)"
+        dpkg --add-architecture arm64
+        updated=0 && update_once  # the arm64 lists
+    fi
+    need=$(missing crossbuild-essential-arm64 qemu-user-static binfmt-support qemu-system-arm qemu-efi-aarch64)
+    if [ -n "$need" ]; then
+        echo "== installing host packages for arm64:" $need
+        update_once
+        apt_install $need
+    fi
+    # mkosi runs the arm64 programs inside its sandbox, where the emulator's path does not exist: the kernel must
+    # hold the interpreter open (binfmt_misc's F flag, which Debian's qemu-user-static entry sets).
+    binfmt=/proc/sys/fs/binfmt_misc
+    [ -e "$binfmt/status" ] || mount -t binfmt_misc binfmt_misc "$binfmt" \
+        || die "cannot mount binfmt_misc at $binfmt" "run this as root on a host (or container) allowed to mount it"
+    [ -e "$binfmt/qemu-aarch64" ] || update-binfmts --enable qemu-aarch64 \
+        || die "cannot register qemu-aarch64 with binfmt_misc" "update-binfmts --display qemu-aarch64 says why"
+    grep -q '^flags:.*F' "$binfmt/qemu-aarch64" \
+        || die "qemu-aarch64 is registered without the F flag: mkosi's sandbox cannot run arm64 programs" \
+               "update-binfmts --disable qemu-aarch64, then make image-deps ARCH=arm64 again"
+fi
+
 major=$(mkosi_major)
 case "$major" in
     24) ;;

@@ -4,6 +4,10 @@
 #   make image [MODEL=x.gguf]  build build/image/llmos-edge.raw (bakes MODEL as the default model)
 #   make image VOICE=0         the same without the voice front-end (build/image-novoice/llmos-edge.raw): no
 #                              espeak-ng, ALSA tools, onnxruntime or pocketsphinx; /status says voice is not installed
+#   make image ARCH=arm64      the same for 64-bit ARM (build/image-arm64/llmos-edge.raw): built here through
+#                              qemu-user-static, llama.cpp cross-compiled (docs/arm64.md); `make run ARCH=arm64` boots
+#                              it in QEMU's virt machine with UEFI. BOARD=rpi: the same image, a Raspberry Pi 3 or 4's
+#                              SD card; `make run BOARD=rpi` boots it in QEMU's raspi3b through U-Boot
 #   make run [CPU=Nehalem] [SOUND=none|alsa] [STICK=stick.raw] [HTTP_PORT=8080]
 #                              install what is missing (make deps), then boot a copy of it in QEMU, serial console
 #                              on this terminal (Ctrl-A X quits); SOUND adds a sound card (silent, or this host's
@@ -16,12 +20,26 @@
 #                              running an earlier version: /update PATH on their console (docs/updates.md)
 #   make flash DEVICE=/dev/sdX [FORCE=1]
 #   make image-test            pytest tests/image (boots the image under QEMU)
+#   make test-arm64            the arm64 image's tests (tests/image/test_arm64.py)
 
 # VOICE=1 (the default): the voice front-end is in the image (image/voice.conf and the `voice` extra); VOICE=0 leaves
 # it out (README: what voice costs). Each variant has its own output directory and mkosi tree cache.
 VOICE ?= 1
 VOICE_SUFFIX := $(if $(filter 0 no false,$(VOICE)),-novoice)
-IMAGE_DIR := build/image$(VOICE_SUFFIX)
+# ARCH: the image's architecture, in mkosi's names: x86-64 (the default) or arm64. Each has its own output
+# directory, wheels and mkosi tree cache; image/arch/$(ARCH).conf holds what differs (kernel, console).
+ARCH ?= x86-64
+# BOARD=rpi: a Raspberry Pi 3 or 4's SD card, which is the arm64 image (its ESP carries the Pi's boot files).
+ifeq ($(BOARD),rpi)
+override ARCH := arm64
+else ifneq ($(BOARD),)
+$(error BOARD=$(BOARD) is not a board the image is built for (hint: BOARD=rpi, or no BOARD))
+endif
+ifeq ($(filter x86-64 arm64,$(ARCH)),)
+$(error ARCH=$(ARCH) is not an architecture the image is built for (hint: ARCH=x86-64 or ARCH=arm64))
+endif
+ARCH_SUFFIX := $(if $(filter arm64,$(ARCH)),-arm64)
+IMAGE_DIR := build/image$(VOICE_SUFFIX)$(ARCH_SUFFIX)
 IMAGE := $(IMAGE_DIR)/llmos-edge.raw
 IMAGE_CACHE := $(CACHE)/image
 IMAGE_WHEELS := $(CACHE)/image-wheels
@@ -35,7 +53,7 @@ DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
 IMAGE_BROKEN ?=
 IMAGE_VERSION ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
-IMAGE_SOURCES := mkosi.conf image/voice.conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
+IMAGE_SOURCES := mkosi.conf image/voice.conf image/arch/$(ARCH).conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
 	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 CPU ?=
 MEM ?= 1024
@@ -43,13 +61,13 @@ SOUND ?=
 STICK ?=
 HTTP_PORT ?=
 
-.PHONY: image-deps image-wheels image image-xz update-bundle run flash image-test
+.PHONY: image-deps image-wheels image image-xz update-bundle run flash image-test test-arm64
 
 # `make deps` installs the image tools too.
 deps: image-deps
 
 image-deps:
-	@bash image/hostdeps.sh
+	@ARCH=$(ARCH) bash image/hostdeps.sh
 
 # The image's third-party requirements: the project's dependencies and its `voice` extra. The file is rewritten
 # only when the list changes (not on every pyproject.toml edit), and the wheels below are resolved again exactly then.
@@ -77,7 +95,53 @@ $(IMAGE_WHEELS)/.project.ok: $(IMAGE_WHEELS)/.deps.ok pyproject.toml $(wildcard 
 	$(PY) -m pip wheel -q --no-deps --wheel-dir $(IMAGE_WHEELS) .
 	@touch $@
 
-image-wheels: $(IMAGE_WHEELS)/.project.ok
+# arm64: llama-cpp-python cross-compiled with Debian's aarch64 toolchain (image/arch/aarch64-linux-gnu.cmake), every
+# ARM CPU variant but the two armv9.2 ones with SME, which bookworm's GCC 12 cannot compile (no Raspberry Pi has SME;
+# docs/arm64.md). The image's other wheels: the host's set, same versions, the compiled ones downloaded for aarch64
+# (image/foreignwheels.py).
+WHEELS_ARM64 := $(CACHE)/wheels-arm64
+LLAMA_WHEEL_ARM64_STAMP := $(WHEELS_ARM64)/.llama-cpp-python-$(LLAMA_CPP_VERSION).ok
+CROSS_SRC := $(CACHE)/cross-src/llama_cpp_python-$(LLAMA_CPP_VERSION)
+$(LLAMA_WHEEL_ARM64_STAMP): $(LLAMA_WHEEL_STAMP)
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { echo "wheel: no aarch64 cross compiler" \
+	  "(hint: make image-deps ARCH=arm64 installs crossbuild-essential-arm64)"; exit 1; }
+	@rm -rf $(dir $(CROSS_SRC)) && mkdir -p $(dir $(CROSS_SRC)) $(WHEELS_ARM64)
+	@tar -xzf $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(dir $(CROSS_SRC))
+	@f=$(CROSS_SRC)/vendor/llama.cpp/ggml/src/CMakeLists.txt; \
+	  sed -i '/ggml_add_cpu_backend_variant(armv9\.2_[12] /d' $$f; \
+	  ! grep -q 'ggml_add_cpu_backend_variant(armv9' $$f && grep -q 'ggml_add_cpu_backend_variant(armv8.0_1)' $$f \
+	  || { echo "wheel: $$f no longer lists the ARM variants as expected (hint: check image/image.mk's sed)"; exit 1; }
+	@echo "== building llama-cpp-python $(LLAMA_CPP_VERSION) for aarch64 with its ARM CPU variants (cross-compiled)"
+	CMAKE_ARGS="-DCMAKE_TOOLCHAIN_FILE=$(CURDIR)/image/arch/aarch64-linux-gnu.cmake $(LLAMA_CMAKE_ARGS) -DLLAMA_OPENSSL=OFF" \
+	  _PYTHON_HOST_PLATFORM=linux-aarch64 CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(CACHE)/build-venv/bin/pip wheel --no-deps -w $(WHEELS_ARM64) $(CROSS_SRC)
+	@ls $(WHEELS_ARM64)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*linux_aarch64.whl >/dev/null \
+	  || { echo "wheel: no linux_aarch64 wheel in $(WHEELS_ARM64) (hint: read the build output above)"; exit 1; }
+	@rm -rf $(dir $(CROSS_SRC))
+	touch $@
+
+IMAGE_WHEELS_ARM64 := $(CACHE)/image-wheels-arm64
+$(IMAGE_WHEELS_ARM64)/.ok: $(IMAGE_WHEELS)/.project.ok $(LLAMA_WHEEL_ARM64_STAMP)
+	@echo "== image wheels for arm64 into $(@D)"
+	$(PY) image/foreignwheels.py --arch arm64 --host-wheels $(IMAGE_WHEELS) --llama-wheels $(WHEELS_ARM64) --out $(@D)
+	@touch $@
+
+# arm64: the Raspberry Pi's boot firmware and U-Boot (image/rpiboot.sh), which image/postinst.sh puts on the ESP.
+RPI_BOOT := $(IMAGE_CACHE)/rpi-boot
+$(RPI_BOOT)/.ok: image/rpiboot.sh image/rpi/config.txt image/aptsources.py
+	@echo "== image: the Raspberry Pi's boot firmware and U-Boot into $(@D)"
+	@bash image/rpiboot.sh $(IMAGE_RELEASE) $(@D)
+	@touch $@
+comma := ,
+
+# What the image build installs from: this architecture's wheel directory, and its stamp.
+IMAGE_ARCH_WHEELS := $(if $(ARCH_SUFFIX),$(IMAGE_WHEELS_ARM64),$(IMAGE_WHEELS))
+IMAGE_ARCH_WHEELS_OK := $(if $(ARCH_SUFFIX),$(IMAGE_WHEELS_ARM64)/.ok,$(IMAGE_WHEELS)/.project.ok)
+ifeq ($(ARCH),arm64)
+wheel: $(LLAMA_WHEEL_ARM64_STAMP)
+endif
+
+image-wheels: $(IMAGE_ARCH_WHEELS_OK)
 
 # The version (and the test switch) is baked into the image: the stamp changes when it does.
 $(IMAGE_STAGE)/.version: FORCE_CHECK
@@ -110,17 +174,18 @@ FORCE_CHECK:
 # binary package of it that the image or mkosi's default initrd may install goes in as a local package (apt takes
 # the higher version), all of one version since they depend on each other exactly; the rest stays plain Debian 12.
 # The stamp holds the list, so a changed list downloads again.
-IMAGE_DEBS := $(IMAGE_CACHE)/debs
+IMAGE_DEBS := $(IMAGE_CACHE)/debs$(ARCH_SUFFIX)
 IMAGE_BACKPORTS := systemd systemd-sysv systemd-dev udev libsystemd0 libsystemd-shared libudev1 libnss-systemd \
 	libpam-systemd systemd-timesyncd systemd-container systemd-boot systemd-boot-efi
 $(IMAGE_DEBS)/.ok: FORCE_CHECK
 	@mkdir -p $(@D)
-	@want="$(IMAGE_RELEASE): $(IMAGE_BACKPORTS)"; \
+	@want="$(IMAGE_RELEASE) $(ARCH): $(IMAGE_BACKPORTS)"; \
 	if [ "$$(cat $@ 2>/dev/null)" != "$$want" ]; then \
 	  rm -f $(@D)/*.deb; \
 	  if [ "$(IMAGE_RELEASE)" = bookworm ]; then \
 	    echo "== image: systemd from bookworm-backports into $(@D)"; \
-	    ( cd $(@D) && apt-get download -qq $(addsuffix /bookworm-backports,$(IMAGE_BACKPORTS)) ) 2>&1 \
+	    ( cd $(@D) && apt-get download -qq $(if $(ARCH_SUFFIX),-o APT::Architecture=arm64) \
+	      $(addsuffix /bookworm-backports,$(IMAGE_BACKPORTS)) ) 2>&1 \
 	      | grep -v '^W: Download is performed unsandboxed' || true; \
 	    n=$$(ls $(@D)/*.deb 2>/dev/null | wc -l); \
 	    [ "$$n" = $(words $(IMAGE_BACKPORTS)) ] || { echo "image: got $$n of the $(words $(IMAGE_BACKPORTS))" \
@@ -138,10 +203,10 @@ $(IMAGE_STAGE)/keys/update-pubring.gpg: FORCE_CHECK
 	@cmp -s $(UPDATE_KEY_DIR)/update-pubring.gpg $@ || cp -f $(UPDATE_KEY_DIR)/update-pubring.gpg $@
 
 # mkosi's caches (packages, the incremental tree) live in $(CACHE); the apt sources come from this host.
-IMAGE_TREE_CACHE := $(IMAGE_CACHE)/mkosi$(VOICE_SUFFIX)
+IMAGE_TREE_CACHE := $(IMAGE_CACHE)/mkosi$(VOICE_SUFFIX)$(ARCH_SUFFIX)
 
-$(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok \
-	  $(IMAGE_STAGE)/.version $(IMAGE_STAGE)/keys/update-pubring.gpg
+$(IMAGE): $(IMAGE_SOURCES) $(IMAGE_ARCH_WHEELS_OK) $(IMAGE_STAGE)/model/.source $(IMAGE_DEBS)/.ok \
+	  $(IMAGE_STAGE)/.version $(IMAGE_STAGE)/keys/update-pubring.gpg $(if $(ARCH_SUFFIX),$(RPI_BOOT)/.ok)
 	@command -v mkosi >/dev/null || { echo "image: mkosi is not installed (hint: run make image-deps)"; exit 1; }
 	@mkdir -p $(IMAGE_DIR) $(IMAGE_TREE_CACHE) $(IMAGE_CACHE)/packages
 	@rm -rf $(IMAGE_CACHE)/pkgmngr && $(PYTHON) image/aptsources.py image --release $(IMAGE_RELEASE) \
@@ -149,11 +214,13 @@ $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.sou
 	@echo "== image: mkosi build (cold about 4-6 min, warm about 1-2 min); log in $(IMAGE_DIR)/build.log"
 	@# mkosi's incremental cache does not notice changed apt sources or pins: rebuild it (-ff) when they change.
 	@start=$$(date +%s); \
-	sources=$$(cat $$(find $(IMAGE_CACHE)/pkgmngr -type f | sort) mkosi.conf image/voice.conf | sha256sum | cut -c1-16); \
+	sources=$$(cat $$(find $(IMAGE_CACHE)/pkgmngr -type f | sort) mkosi.conf image/voice.conf image/arch/$(ARCH).conf \
+	  | sha256sum | cut -c1-16); \
 	force=--force; \
 	if [ "$$(cat $(IMAGE_TREE_CACHE)/.sources 2>/dev/null)" != "$$sources" ]; then force="--force --force"; fi; \
 	if ! mkosi $$force \
 	  --release=$(IMAGE_RELEASE) \
+	  --include=image/arch/$(ARCH).conf \
 	  $(if $(VOICE_SUFFIX),,--include=image/voice.conf) \
 	  --image-version=$(IMAGE_VERSION) \
 	  $(if $(filter 1,$(IMAGE_BROKEN)),--environment=LLMOS_TEST_BROKEN=1) \
@@ -162,7 +229,7 @@ $(IMAGE): $(IMAGE_SOURCES) $(IMAGE_WHEELS)/.project.ok $(IMAGE_STAGE)/model/.sou
 	  --package-cache-dir=$(IMAGE_CACHE)/packages \
 	  --output-dir=$(IMAGE_DIR) \
 	  $$(ls $(IMAGE_DEBS)/*.deb >/dev/null 2>&1 && echo --package-directory=$(IMAGE_DEBS)) \
-	  --build-sources=$(IMAGE_WHEELS):wheels,$(IMAGE_STAGE)/model:model,$(IMAGE_STAGE)/keys:keys \
+	  --build-sources=$(IMAGE_ARCH_WHEELS):wheels,$(IMAGE_STAGE)/model:model,$(IMAGE_STAGE)/keys:keys$(if $(ARCH_SUFFIX),$(comma)$(RPI_BOOT)/tree:rpi) \
 	  build 2>&1 | tee $(IMAGE_DIR)/build.log | { grep --line-buffered -E '^‣|llmos postinst' || true; }; then \
 	  tail -n 30 $(IMAGE_DIR)/build.log; echo "image: mkosi failed (hint: the whole log is $(IMAGE_DIR)/build.log)"; \
 	  exit 1; \
@@ -203,7 +270,7 @@ $(RUN_DISK): $(IMAGE)
 # README's first command on a fresh machine: `deps` first (host packages, image tools, the wheel, the venv), so the
 # image build below never meets a missing tool.
 run: deps $(RUN_DISK)
-	$(PYTHON) image/vm.py run --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND)) \
+	$(PYTHON) image/vm.py run --arch $(ARCH) $(if $(BOARD),--board raspi3b) --image $(RUN_DISK) --mem $(MEM) $(if $(CPU),--cpu $(CPU)) $(if $(SOUND),--sound $(SOUND)) \
 	  $(if $(STICK),--usb-stick $(STICK)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 flash: $(IMAGE)
@@ -215,4 +282,9 @@ flash: $(IMAGE)
 IMAGE_TEST := image-test
 
 image-test: $(IMAGE) $(VENV)/.ok
-	$(VENV)/bin/pytest -m "image and not soak" --durations=12 tests/image
+	$(VENV)/bin/pytest -m "image and not soak and not arm64" --durations=12 tests/image
+
+# The arm64 image's tests (docs/arm64.md): its layout as a Raspberry Pi's card, and boots in QEMU's virt machine.
+test-arm64: $(VENV)/.ok
+	$(MAKE) image ARCH=arm64
+	$(VENV)/bin/pytest -m "image and arm64" --durations=8 tests/image/test_arm64.py

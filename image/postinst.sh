@@ -74,10 +74,12 @@ mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop
 # a periodic update, and a reboot at a time nobody chose).
 mkosi-chroot systemctl mask systemd-boot-random-seed.service systemd-boot-update.service \
     systemd-sysupdate.timer systemd-sysupdate-reboot.timer
-# The product owns ttyS0: no login prompt there, nor on the display (root is locked: nobody logs in). Nothing asks
-# questions at boot. apt's timers would only fail on the read-only root. dpkg's database cannot change on it either,
-# so its daily backup into /var/backups would only wear the card (issue 14: bytes written to var a day).
-mkosi-chroot systemctl mask serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service
+# The product owns the kernel's console UART (llmos.yaml: console.device kernel; ttyS0, or ttyAMA0 on arm64: see
+# image/arch/): no login prompt on any serial port (the template masked masks every instance), nor on the display
+# (root is locked: nobody logs in). Nothing asks questions at boot. apt's timers would only fail on the read-only
+# root. dpkg's database cannot change on it either, so its daily backup into /var/backups would only wear the card
+# (issue 14: bytes written to var a day).
+mkosi-chroot systemctl mask serial-getty@.service getty@tty1.service systemd-firstboot.service
 for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service dpkg-db-backup.timer; do
     if [ -e "$BUILDROOT/usr/lib/systemd/system/$unit" ] || [ -e "$BUILDROOT/lib/systemd/system/$unit" ]; then
         mkosi-chroot systemctl mask "$unit"
@@ -93,6 +95,19 @@ for kernel in "$BUILDROOT"/boot/vmlinuz-*; do
         ln -sfn "../../../../boot/vmlinuz-$kver" "$BUILDROOT/usr/lib/modules/$kver/vmlinuz"
     fi
 done
+
+# arm64: what a Raspberry Pi 3 or 4 boots from, on the ESP (image/repart/00-esp.conf copies /boot there): its GPU
+# firmware, config.txt and U-Boot (image/rpiboot.sh), and the Pis' device trees from this kernel. The firmware loads
+# the device tree and U-Boot; U-Boot's UEFI then runs systemd-boot and the UKI as on any other board (docs/arm64.md).
+if [ "${ARCHITECTURE:-}" = arm64 ]; then
+    install -m 0644 "$SRCDIR"/rpi/* "$BUILDROOT/boot/"
+    for kernel in "$BUILDROOT"/boot/vmlinuz-*; do
+        kver=${kernel##*/vmlinuz-}
+        install -m 0644 "$BUILDROOT/usr/lib/linux-image-$kver"/broadcom/bcm2711-rpi-*.dtb \
+            "$BUILDROOT/usr/lib/linux-image-$kver"/broadcom/bcm2837-rpi-*.dtb "$BUILDROOT/boot/"
+    done
+    echo "llmos postinst: Raspberry Pi boot files: $(cd "$BUILDROOT/boot" && ls -- *.dtb *.elf u-boot.bin config.txt | paste -sd' ')"
+fi
 
 # A deliberately broken build for the image tests of updates (make image IMAGE_BROKEN=1, tests/image/test_update.py):
 # the supervisor exits 1 at every start, so the health gate fails and boot counting must roll the update back.

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Boot the llmos-edge disk image in QEMU: the one command line that `make run` and the image tests share.
 
-UEFI (OVMF) on q35, the image as a virtio disk, the first UART (ttyS0, the product's console) either on this
-terminal or on a TCP socket that waits for its client (so a test loses no byte of the boot). KVM is used only when
-a probe shows it can run a guest; otherwise software emulation (TCG) with `-cpu max`. Without --sound the machine
-has no sound card (the appliance then says `voice: no microphone`); with it, an Intel HD Audio card whose line-in
-and line-out go to a QEMU audio backend: `none` (silence in, nothing out) or `alsa` (this host's default devices).
-With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in as a read-only USB mass-storage
-stick on an xHCI controller; the guest mounts it at /media/<its label>. With --http-port, a network card on QEMU's
-restricted user-mode network forwards 127.0.0.1:PORT to the guest's HTTP API (http.enabled in the guest's config).
+UEFI (OVMF) on q35 for x86-64, or (--arch arm64) UEFI (AAVMF) on the virt machine; the image as a virtio disk; the
+first UART (the product's console: ttyS0, or ttyAMA0 on arm64) either on this terminal or on a TCP socket that waits
+for its client (so a test loses no byte of the boot). KVM is used only when a probe shows it can run a guest (never
+for another architecture); otherwise software emulation (TCG) with `-cpu max` (x86-64) or a Cortex-A76 (arm64).
+Without --sound the machine has no sound card (the appliance then says `voice: no microphone`); with it, an Intel HD
+Audio card whose line-in and line-out go to a QEMU audio backend: `none` (silence in, nothing out) or `alsa` (this
+host's default devices). With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in as a
+read-only USB mass-storage stick on an xHCI controller; the guest mounts it at /media/<its label>. With --http-port,
+a network card on QEMU's restricted user-mode network forwards 127.0.0.1:PORT to the guest's HTTP API (http.enabled
+in the guest's config).
 
 When standard input is not a terminal, `run` plays it as a script instead of handing over the console: it waits
 for the product's prompt and for the model (`/status` until `state: ready`), types one line at a time (the next
@@ -16,8 +18,8 @@ only once the previous answer's prompt is back, so nothing is lost while the gue
 console to standard output, and at the end of the script presses the ACPI power button and waits for a clean
 power-off. That is how CI runs `make run`.
 
-  vm.py run --image build/image/llmos-edge.raw [--cpu Nehalem] [--serial-port 4555] [--snapshot] [--sound none]
-            [--usb-stick stick.raw] [--http-port 8080]
+  vm.py run --image build/image/llmos-edge.raw [--arch arm64] [--cpu Nehalem] [--serial-port 4555] [--snapshot]
+            [--sound none] [--usb-stick stick.raw] [--http-port 8080]
   printf 'ping\n/status\n' | vm.py run --image build/image/llmos-edge.raw
   vm.py probe-kvm
 """
@@ -29,6 +31,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -42,11 +45,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from volatiledisk import VolatileDisk  # beside this file: the script's directory, or image/ on the importer's path
+# beside this file: the script's directory, or image/ on the importer's path
+from bundle import partitions
+from volatiledisk import VolatileDisk
 
-QEMU = "qemu-system-x86_64"
-FIRMWARE_DIRS = [Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/share/qemu")]
-FIRMWARE_PAIRS = [("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")]
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the image's architectures (mkosi's names, image/arch/): QEMU, machine, UEFI firmware."""
+
+    qemu: str
+    qemu_package: str  # the Debian package with `qemu`
+    machine: str
+    tcg_cpu: str  # the CPU model under emulation (--cpu overrides it)
+    firmware_dirs: tuple[Path, ...]
+    firmware_pairs: tuple[tuple[str, str], ...]  # (code, variable store template)
+    firmware_package: str
+    host_machine: str  # platform.machine() of a host that can run it with KVM
+
+
+ARCHES = {
+    "x86-64": Arch(
+        "qemu-system-x86_64", "qemu-system-x86", "q35", "max",
+        (Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/share/qemu")),
+        (("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")),
+        "ovmf", "x86_64",
+    ),
+    # virt: a PL011 UART (ttyAMA0) and PCI for the same virtio, USB and sound devices. Cortex-A76 is a Raspberry Pi 5's
+    # core (dotprod and fp16: llama.cpp's armv8.2_2 variant); `-cpu max` would add SVE, slow under emulation.
+    "arm64": Arch(
+        "qemu-system-aarch64", "qemu-system-arm", "virt", "cortex-a76",
+        (Path("/usr/share/AAVMF"),),
+        (("AAVMF_CODE.fd", "AAVMF_VARS.fd"),),
+        "qemu-efi-aarch64", "aarch64",
+    ),
+}  # fmt: skip
 PROMPT = b"llmos> "  # the product's console prompt (llmos_edge/console.py)
 ANSWER_END = b"\r\n" + PROMPT  # every answer, command output or empty line ends with a fresh prompt
 # /status's first line once the model answers (degraded: it runs, but its self-test answer was wrong)
@@ -61,38 +94,47 @@ class VMError(Exception):
         super().__init__(message + (f" (hint: {hint})" if hint else ""))
 
 
-def find_firmware() -> tuple[Path, Path]:
-    for d in FIRMWARE_DIRS:
-        for code, vars_ in FIRMWARE_PAIRS:
+def _install_hint(arch: str, package: str) -> str:
+    return f"install it: make image-deps{'' if arch == 'x86-64' else ' ARCH=' + arch} (Debian package {package})"
+
+
+def find_firmware(arch: str = "x86-64") -> tuple[Path, Path]:
+    a = ARCHES[arch]
+    for d in a.firmware_dirs:
+        for code, vars_ in a.firmware_pairs:
             if (d / code).is_file() and (d / vars_).is_file():
                 return d / code, d / vars_
-    raise VMError("no UEFI firmware (OVMF) found", "install it: make image-deps (Debian package ovmf)")
+    raise VMError(f"no UEFI firmware for {arch} found", _install_hint(arch, a.firmware_package))
 
 
-def qemu_binary() -> str:
-    path = shutil.which(QEMU)
+def qemu_binary(arch: str = "x86-64") -> str:
+    a = ARCHES[arch]
+    path = shutil.which(a.qemu)
     if path is None:
-        raise VMError(f"{QEMU} is not installed", "install it: make image-deps (Debian package qemu-system-x86)")
+        raise VMError(f"{a.qemu} is not installed", _install_hint(arch, a.qemu_package))
     return path
 
 
-def kvm_usable(timeout: float = 4.0) -> bool:
+def kvm_usable(arch: str = "x86-64", timeout: float = 4.0) -> bool:
     """Whether KVM can really run a guest here. /dev/kvm may exist and still fail (a nested or paravirtual KVM
-    that dies on the firmware's first instructions), so boot the firmware for a few seconds and watch."""
+    that dies on the firmware's first instructions), so boot the firmware for a few seconds and watch. Another
+    architecture's guest never runs under KVM."""
     forced = os.environ.get("LLMOS_QEMU_ACCEL", "")
     if forced:
         return forced == "kvm"
+    if ARCHES[arch].host_machine != platform.machine():
+        return False
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    code, vars_template = find_firmware()
+    code, vars_template = find_firmware(arch)
     with tempfile.TemporaryDirectory(prefix="llmos-kvm-probe-") as tmp:
         vars_copy = Path(tmp) / "vars.fd"
         shutil.copyfile(vars_template, vars_copy)
         cmd = [
-            qemu_binary(),
+            qemu_binary(arch),
             "-accel", "kvm",
             "-cpu", "host",
-            "-machine", "q35",
+            "-machine", ARCHES[arch].machine,
             "-m", "128",
             "-nodefaults",
             "-display", "none",
@@ -117,7 +159,8 @@ def kvm_usable(timeout: float = 4.0) -> bool:
 @dataclass
 class VMConfig:
     image: Path
-    cpu: str = ""  # empty: "host" under KVM, "max" under TCG
+    arch: str = "x86-64"  # the image's architecture (mkosi's name): x86-64 or arm64
+    cpu: str = ""  # empty: "host" under KVM, the architecture's tcg_cpu under TCG
     mem_mib: int = 1024
     smp: int = 2
     serial_port: int = 0  # 0: serial console on this terminal (stdio, with QEMU's monitor on Ctrl-A C)
@@ -135,6 +178,7 @@ class VMConfig:
     # The disk through nbdkit's writeback cache (volatiledisk.py): a power cut loses the writes not yet flushed,
     # as a real disk's volatile cache does. False: a file, whose writes QEMU hands to the host's page cache at once.
     volatile_cache: bool = False
+    board: str = ""  # "raspi3b": QEMU's Raspberry Pi 3B (raspi3b_command), an arm64 image only
     extra: list[str] = field(default_factory=list)
 
 
@@ -168,15 +212,60 @@ def network(host_port: int, guest_port: int = 8080) -> list[str]:
     ]
 
 
+def console_and_control(cfg: VMConfig) -> list[str]:
+    """The next serial port: the product's console, on this terminal or a TCP socket; and QMP's socket."""
+    if cfg.serial_port:
+        cmd = [
+            "-chardev", f"socket,id=ser0,host=127.0.0.1,port={cfg.serial_port},server=on,wait=on",
+            "-serial", "chardev:ser0",
+        ]  # fmt: skip
+    else:
+        cmd = ["-serial", "mon:stdio"]
+    if cfg.qmp_socket is not None:
+        cmd += ["-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
+    return cmd
+
+
+RASPI3B_TREE = "bcm2837-rpi-3-b.dtb"
+
+
+def raspi3b_command(cfg: VMConfig, boot_dir: Path) -> list[str]:
+    """QEMU's Raspberry Pi 3B (board raspi3b; an arm64 image as the SD card). QEMU has no GPU firmware, so it starts
+    what the Pi's firmware would (config.txt: kernel=u-boot.bin, and the board's device tree), both read from the
+    image's ESP; U-Boot's UEFI then runs systemd-boot and the UKI (docs/arm64.md). The console is the GPIO UART, the
+    second serial port: Debian's device tree gives the first, the PL011, to Bluetooth. No ACPI: power-off is a kill."""
+    size = cfg.image.stat().st_size
+    if size & (size - 1):
+        raise VMError(f"{cfg.image} is {size} bytes: QEMU's SD card must be a power of 2", "truncate -s 4G a copy")
+    esp = partitions(cfg.image)["esp"]["start"]
+    for name in ("u-boot.bin", RASPI3B_TREE):
+        r = subprocess.run(["mcopy", "-o", "-i", f"{cfg.image}@@{esp}", f"::/{name}", str(boot_dir / name)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            raise VMError(f"no {name} on the ESP of {cfg.image}", "boot an arm64 image: make image ARCH=arm64")
+    return [
+        qemu_binary("arm64"),
+        "-machine", "raspi3b",  # 4 Cortex-A53 and 1 GiB, fixed by the board
+        "-display", "none",
+        "-no-reboot",
+        "-kernel", str(boot_dir / "u-boot.bin"),
+        "-dtb", str(boot_dir / RASPI3B_TREE),
+        "-drive", f"if=sd,format=raw,file={cfg.image},cache=writeback",
+        "-serial", "null",
+        *console_and_control(cfg),
+        *cfg.extra,
+    ]  # fmt: skip
+
+
 def command(cfg: VMConfig, vars_file: Path, drive: str = "") -> list[str]:
     """QEMU's command line. `drive`: the disk's -drive value when it is not the image file itself (an NBD disk)."""
     if not cfg.image.is_file():
         raise VMError(f"no image at {cfg.image}", "build it first: make image")
     if cfg.usb_stick is not None and not cfg.usb_stick.is_file():
         raise VMError(f"no USB stick image at {cfg.usb_stick}", "make one with image/usbstick.py")
-    code, _ = find_firmware()
-    accel = cfg.accel or ("kvm" if kvm_usable() else "tcg")
-    cpu = cfg.cpu or ("host" if accel == "kvm" else "max")
+    code, _ = find_firmware(cfg.arch)
+    accel = cfg.accel or ("kvm" if kvm_usable(cfg.arch) else "tcg")
+    cpu = cfg.cpu or ("host" if accel == "kvm" else ARCHES[cfg.arch].tcg_cpu)
     if not drive:
         drive = (
             f"file={cfg.image},format=raw,if=none,id=disk,cache=unsafe"
@@ -186,8 +275,8 @@ def command(cfg: VMConfig, vars_file: Path, drive: str = "") -> list[str]:
         if cfg.snapshot:
             drive += ",snapshot=on"
     cmd = [
-        qemu_binary(),
-        "-machine", "q35",
+        qemu_binary(cfg.arch),
+        "-machine", ARCHES[cfg.arch].machine,
         "-accel", accel,
         "-cpu", cpu,
         "-m", str(cfg.mem_mib),
@@ -204,15 +293,7 @@ def command(cfg: VMConfig, vars_file: Path, drive: str = "") -> list[str]:
         # The guest's Python needs entropy early; without a source it can wait at boot under TCG.
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
-    if cfg.serial_port:
-        cmd += [
-            "-chardev", f"socket,id=ser0,host=127.0.0.1,port={cfg.serial_port},server=on,wait=on",
-            "-serial", "chardev:ser0",
-        ]  # fmt: skip
-    else:
-        cmd += ["-serial", "mon:stdio"]
-    if cfg.qmp_socket is not None:
-        cmd += ["-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
+    cmd += console_and_control(cfg)
     if cfg.sound:
         cmd += sound_card(cfg.sound)
     if cfg.usb_stick is not None:
@@ -238,12 +319,15 @@ class VM:
         self._tmp = tempfile.TemporaryDirectory(prefix="llmos-vm-")
         self.vars_file = cfg.efi_vars or Path(self._tmp.name) / "OVMF_VARS.fd"
         if not self.vars_file.exists():
-            shutil.copyfile(find_firmware()[1], self.vars_file)
+            shutil.copyfile(find_firmware(cfg.arch)[1], self.vars_file)
         self.disk: VolatileDisk | None = None
         if cfg.volatile_cache:
             nbd_log = log_path.with_suffix(".nbdkit.log") if log_path else None
             self.disk = VolatileDisk(cfg.image, Path(self._tmp.name) / "nbd", nbd_log)
-        self.cmd = command(cfg, self.vars_file, self.disk.drive() if self.disk else "")
+        if cfg.board == "raspi3b":
+            self.cmd = raspi3b_command(cfg, Path(self._tmp.name))
+        else:
+            self.cmd = command(cfg, self.vars_file, self.disk.drive() if self.disk else "")
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -490,10 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="boot the image")
     r.add_argument("--image", type=Path, required=True)
-    r.add_argument("--cpu", default="", help="QEMU CPU model, e.g. Nehalem (no AVX2) or max")
+    r.add_argument("--arch", choices=sorted(ARCHES), default="x86-64", help="the image's architecture")
+    r.add_argument("--board", choices=["raspi3b"], default="", help="arm64: QEMU's Raspberry Pi 3B instead of virt")
+    r.add_argument("--cpu", default="", help="QEMU CPU model, e.g. Nehalem (no AVX2), cortex-a72 (arm64) or max")
     r.add_argument("--mem", type=int, default=1024, help="guest RAM in MiB")
     r.add_argument("--smp", type=int, default=2)
-    r.add_argument("--serial-port", type=int, default=0, help="serve ttyS0 on 127.0.0.1:PORT instead")
+    r.add_argument("--serial-port", type=int, default=0, help="serve the first UART on 127.0.0.1:PORT instead")
     r.add_argument("--snapshot", action="store_true", help="leave the image file unchanged")
     r.add_argument("--accel", choices=["kvm", "tcg"], default="")
     r.add_argument(
@@ -521,15 +607,18 @@ def main(argv: list[str] | None = None) -> int:
         default=600,
         help="scripted run: seconds to wait for each line's answer",
     )
-    sub.add_parser("probe-kvm", help="say whether KVM can run guests here")
+    k = sub.add_parser("probe-kvm", help="say whether KVM can run guests here")
+    k.add_argument("--arch", choices=sorted(ARCHES), default="x86-64")
     args = parser.parse_args(argv)
     try:
         if args.command == "probe-kvm":
-            ok = kvm_usable()
+            ok = kvm_usable(args.arch)
             print("kvm" if ok else "tcg")
             return 0
         cfg = VMConfig(
             image=args.image,
+            arch="arm64" if args.board else args.arch,
+            board=args.board,
             cpu=args.cpu,
             mem_mib=args.mem,
             smp=args.smp,

@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--console",
         metavar="DEVICE",
-        help="console device: /dev/ttyS0, a pty path, socket://host:port, stdio (this terminal), none",
+        help="console device: /dev/ttyS0, kernel (the kernel's console UART), a pty path, socket://host:port, "
+        "stdio (this terminal), none",
     )
     r.add_argument("--model", metavar="PATH", help="GGUF model file (overrides model.path)")
     r.add_argument("--db", metavar="PATH", help="SQLite database (overrides database.path)")

@@ -85,8 +85,9 @@ class ModelsConfig:
 class ConsoleConfig:
     device: str = setting(
         "/dev/ttyS0",
-        "Serial console: a UART (/dev/ttyS0, /dev/ttyUSB0), a pty path, socket://host:port, stdio (this "
-        "terminal), or none.",
+        "Serial console: a UART (/dev/ttyS0, /dev/ttyUSB0), kernel (the UART of the kernel's console: the last "
+        "console= of its command line; the image's setting), a pty path, socket://host:port, stdio (this terminal), "
+        "or none.",
     )
     baud: int = setting(115200, "Baud rate of a UART.", minimum=50, maximum=4000000)
     max_line: int = setting(

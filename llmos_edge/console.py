@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import select
 import termios
 import threading
 import time
 import tty
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import serial
@@ -142,11 +144,39 @@ def port_fd(port: Port) -> int | None:
     return None
 
 
+KERNEL = "kernel"  # console.device: the UART the kernel's own console is on
+
+
+def kernel_console(sys_root: Path = Path("/sys")) -> str:
+    """The serial port under /dev/console: the kernel lists its consoles in /sys/class/tty/console/active, the one
+    /dev/console writes to last (the last console= of the command line). Virtual terminals (tty0...) are not serial
+    ports and are passed over. So one image finds its UART on every board: ttyS0 on a PC, ttyAMA0 on QEMU's arm64
+    virt machine, the Raspberry Pi's GPIO UART; the boot loader's command line says which."""
+    path = sys_root / "class/tty/console/active"
+    try:
+        names = path.read_text().split()
+    except OSError as e:
+        raise UserError(
+            f"console.device is {KERNEL}, but the kernel's consoles are unknown ({path}: {e.strerror})",
+            "set console.device to the UART itself, e.g. /dev/ttyS0",
+        ) from None
+    uarts = [n for n in names if not re.fullmatch(r"tty\d+", n)]
+    if not uarts:
+        raise UserError(
+            f"console.device is {KERNEL}, but the kernel's console is on no serial port ({' '.join(names) or 'none'})",
+            "add console=ttyS0,115200 (your UART) to the kernel command line, or set console.device to it",
+        )
+    return f"/dev/{uarts[-1]}"
+
+
 def open_port(device: str, baud: int) -> Port:
-    """Open the configured console device. `stdio` is the terminal; anything else goes through pyserial
-    (a device path, a pty path, or a URL such as socket://127.0.0.1:4321)."""
+    """Open the configured console device. `stdio` is the terminal; `kernel` the UART of the kernel's console
+    (kernel_console); anything else goes through pyserial (a device path, a pty path, or a URL such as
+    socket://127.0.0.1:4321)."""
     if device == "stdio":
         return FdPort(0, 1, raw=True)
+    if device == KERNEL:
+        device = kernel_console()
     try:
         # write_timeout: for the ports port_fd leaves to pyserial; with nobody reading, writes would block the
         # answer (and so the engine) forever. A device, pty or socket:// port is written by write_fd instead.
@@ -154,7 +184,7 @@ def open_port(device: str, baud: int) -> Port:
     except (serial.SerialException, OSError, ValueError) as e:
         raise UserError(
             f"cannot open the console device {device}: {e}",
-            "check console.device (a UART like /dev/ttyS0, a pty, socket://host:port, or none)",
+            "check console.device (a UART like /dev/ttyS0, kernel, a pty, socket://host:port, or none)",
         ) from None
 
 
@@ -446,7 +476,7 @@ class Console:
                     continue
                 warned = False
                 self.state = "connected"
-                log.info("console on %s", self.device)
+                log.info("console on %s", getattr(self.port, "port", None) or self.device)
                 if self.machine is not None:  # a reopened port in machine mode: say which mode it is in
                     self.send_event(protocol.mode("json"))
                 else:

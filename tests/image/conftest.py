@@ -6,6 +6,7 @@ LLMOS_SERIAL_URL=/dev/ttyUSB0 (or rfc2217://..., socket://...) and the tests tha
 
 Environment:
   LLMOS_IMAGE        image file to test (default build/image/llmos-edge.raw, built through `make image` if missing)
+  LLMOS_IMAGE_ARM64  the arm64 image (default build/image-arm64/llmos-edge.raw, `make image ARCH=arm64` if missing)
   LLMOS_SERIAL_URL   talk to a running device instead of booting QEMU
   LLMOS_BOOT_TIMEOUT seconds to wait for the prompt (default 900: software emulation on 2 busy cores)
 """
@@ -45,6 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).parent == Path(__file__).parent:
             item.add_marker(pytest.mark.image)
+        if Path(str(item.fspath)).name == "test_arm64.py":
+            item.add_marker(pytest.mark.arm64)
 
 
 # -- measurements ------------------------------------------------------------------------------------------
@@ -170,6 +173,8 @@ def start(
     disk: Path,
     name: str,
     *,
+    arch: str = "x86-64",
+    board: str = "",
     cpu: str = "",
     snapshot: bool = False,
     sound: str = "",
@@ -187,6 +192,8 @@ def start(
     qmp.unlink(missing_ok=True)
     cfg = vmlib.VMConfig(
         image=disk,
+        arch=arch,
+        board=board,
         cpu=cpu,
         serial_port=port,
         snapshot=snapshot,
@@ -211,7 +218,8 @@ def start(
 
 
 def boot(disk: Path, name: str, **options: Any) -> Boot:
-    """Boot `disk` and wait until the device is ready. Options (see start()): `cpu`; `sound`, a QEMU -audiodev
+    """Boot `disk` and wait until the device is ready. Options (see start()): `arch` (the image's, x86-64 by
+    default); `board` (raspi3b: image/vm.py); `cpu`; `sound`, a QEMU -audiodev
     backend for an emulated sound card (see image/vm.py), none by default; `usb_stick`, a raw image (see
     models_stick) plugged in as a read-only USB stick; `http_port`; `efi_vars`, the UEFI variable store kept between
     boots (default: a fresh one); `volatile_cache`, the disk through nbdkit's writeback cache (image/volatiledisk.py:
@@ -232,17 +240,23 @@ def serial_url() -> str:
     return os.environ.get("LLMOS_SERIAL_URL", "")
 
 
+def built_image(variable: str, default: str, *make_args: str) -> Path:
+    """The image file named by the environment `variable`, else `default` (in the repository), made by `make image
+    ARGS` when it is missing."""
+    path = Path(os.environ.get(variable, ROOT / default))
+    if not path.exists():
+        if variable in os.environ:
+            pytest.fail(f"{variable}={path} does not exist")
+        subprocess.run(["make", "-C", str(ROOT), "image", *make_args], check=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def image(serial_url: str) -> Path:
     """The built image; `make image` builds it when it is missing (about 5 minutes cold)."""
     if serial_url:
         pytest.skip("testing a real device through LLMOS_SERIAL_URL: no image file")
-    path = Path(os.environ.get("LLMOS_IMAGE", ROOT / "build/image/llmos-edge.raw"))
-    if not path.exists():
-        if "LLMOS_IMAGE" in os.environ:
-            pytest.fail(f"LLMOS_IMAGE={path} does not exist")
-        subprocess.run(["make", "-C", str(ROOT), "image"], check=True)
-    return path
+    return built_image("LLMOS_IMAGE", "build/image/llmos-edge.raw")
 
 
 @pytest.fixture(scope="session")
@@ -275,6 +289,10 @@ def card(image: Path, dest: Path) -> Path:
     os.truncate(dest, max(TEST_DISK_BYTES, dest.stat().st_size))
     return dest
 
+
+# QEMU's SMBIOS credential that switches on llmos-test-sigstop.service in the guest: it SIGSTOPs the supervisor right
+# after READY, so systemd's watchdog must restart it (test_configured.py, test_arm64.py).
+SIGSTOP_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop=1"]
 
 STICK = "/media/MODELS"  # the models stick (models_stick below), mounted by the image's udev rule
 # (rootfs-overlay/usr/lib/udev/rules.d/80-llmos-usb-stick.rules)
@@ -344,6 +362,23 @@ def root_label(img: Path) -> str:
     if len(labels) != 1:
         raise AssertionError(f"{img}: expected one root slot labelled {ROOT_PREFIX}<version>, found {labels}")
     return labels[0]
+
+
+def uki_cmdline(uki: Path) -> str:
+    """The kernel command line baked into a UKI: its PE file's .cmdline section (read here, not with a tool, so that
+    an arm64 UKI reads the same on this x86-64 host)."""
+    data = uki.read_bytes()
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    assert data[pe : pe + 4] == b"PE\0\0", f"{uki} is not a PE file"
+    sections = int.from_bytes(data[pe + 6 : pe + 8], "little")
+    table = pe + 24 + int.from_bytes(data[pe + 20 : pe + 22], "little")  # after the COFF and optional headers
+    for i in range(sections):
+        entry = data[table + 40 * i : table + 40 * (i + 1)]
+        if entry[:8].rstrip(b"\0") == b".cmdline":
+            size = int.from_bytes(entry[8:12], "little")  # VirtualSize: the text, not the file alignment's padding
+            raw = int.from_bytes(entry[20:24], "little")
+            return data[raw : raw + size].rstrip(b"\0").decode()
+    raise AssertionError(f"{uki} has no .cmdline section")
 
 
 def image_version(img: Path) -> str:

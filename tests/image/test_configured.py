@@ -30,6 +30,7 @@ import openai
 import pytest
 from conftest import (
     ROOT,
+    SIGSTOP_CREDENTIAL,
     Boot,
     bless,
     boot,
@@ -50,7 +51,6 @@ TOKEN = "image-test-token-4f1c"
 HTTP_PORT = vmlib.free_port()
 HOT = 77.0  # above the 75 °C setpoint, below the 85 °C critical limit: throttled, still answering
 SIM_ROOT = "/lib/llmos-thermal-sim"  # in the var partition, i.e. /var/lib/llmos-thermal-sim on the device
-SIGSTOP_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop=1"]
 BLESSED: list[str] = []  # the card's UKI, renamed as accepted before the boot
 
 

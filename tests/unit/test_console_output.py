@@ -14,7 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from llmos_edge.console import open_port, port_fd, write_fd
+import pytest
+
+from llmos_edge.console import kernel_console, open_port, port_fd, write_fd
+from llmos_edge.errors import UserError
 
 STALL_S = 1.0
 
@@ -90,3 +93,27 @@ def test_a_terminal_that_takes_nothing_is_given_up_on_after_the_stall_limit_and_
     finally:
         port.close()
         os.close(master)
+
+
+def _consoles(tmp_path: Path, active: str) -> Path:
+    """A sysfs tree whose /sys/class/tty/console/active lists `active`, as the kernel writes it."""
+    f = tmp_path / "class/tty/console/active"
+    f.parent.mkdir(parents=True)
+    f.write_text(active + "\n")
+    return tmp_path
+
+
+def test_the_kernel_console_is_the_last_serial_port_the_kernel_writes_its_console_to(tmp_path: Path) -> None:
+    # console=tty0 console=ttyS0,115200 on a PC; console=tty0 console=ttyAMA0,115200 on QEMU's arm64 virt machine
+    assert kernel_console(_consoles(tmp_path / "pc", "tty0 ttyS0")) == "/dev/ttyS0"
+    assert kernel_console(_consoles(tmp_path / "virt", "tty0 ttyAMA0")) == "/dev/ttyAMA0"
+    assert kernel_console(_consoles(tmp_path / "vt-last", "ttyS1 tty1")) == "/dev/ttyS1"
+
+
+def test_a_kernel_console_on_no_serial_port_is_one_error_with_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        kernel_console(_consoles(tmp_path, "tty0"))
+    assert e.value.message == "console.device is kernel, but the kernel's console is on no serial port (tty0)"
+    assert "console=ttyS0,115200" in e.value.hint
+    with pytest.raises(UserError, match="the kernel's consoles are unknown"):
+        kernel_console(tmp_path / "no-sysfs")
