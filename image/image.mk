@@ -53,7 +53,7 @@ DEFAULT_MODEL := model/llmos-tiny-q8_0.gguf
 IMAGE_BROKEN ?=
 IMAGE_VERSION ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 IMAGE_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
-IMAGE_SOURCES := mkosi.conf image/voice.conf image/arch/$(ARCH).conf $(shell find image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
+IMAGE_SOURCES := mkosi.conf image/voice.conf $(shell find image/arch image/repart image/initrd rootfs-overlay -type f 2>/dev/null) image/postinst.sh \
 	pyproject.toml $(wildcard llmos_edge/*.py llmos_edge/data/*)
 CPU ?=
 MEM ?= 1024
@@ -189,7 +189,8 @@ $(IMAGE_DEBS)/.ok: FORCE_CHECK
 	      | grep -v '^W: Download is performed unsandboxed' || true; \
 	    n=$$(ls $(@D)/*.deb 2>/dev/null | wc -l); \
 	    [ "$$n" = $(words $(IMAGE_BACKPORTS)) ] || { echo "image: got $$n of the $(words $(IMAGE_BACKPORTS))" \
-	      "systemd packages from bookworm-backports (hint: run make image-deps, then apt-get update)"; exit 1; }; \
+	      "systemd packages from bookworm-backports (hint: run make image-deps$(if $(ARCH_SUFFIX), ARCH=arm64)," \
+	      "then apt-get update)"; exit 1; }; \
 	  fi; \
 	  echo "$$want" > $@; \
 	fi
@@ -286,5 +287,6 @@ image-test: $(IMAGE) $(VENV)/.ok
 
 # The arm64 image's tests (docs/arm64.md): its layout as a Raspberry Pi's card, and boots in QEMU's virt machine.
 test-arm64: $(VENV)/.ok
+	$(MAKE) image-deps ARCH=arm64
 	$(MAKE) image ARCH=arm64
 	$(VENV)/bin/pytest -m "image and arm64" --durations=8 tests/image/test_arm64.py
