@@ -246,6 +246,9 @@ def raspi3b_command(cfg: VMConfig, boot_dir: Path) -> list[str]:
     return [
         qemu_binary("arm64"),
         "-machine", "raspi3b",  # 4 Cortex-A53 and 1 GiB, fixed by the board
+        "-accel", "tcg",
+        "-cpu", "cortex-a53",
+        "-m", "1G",
         "-display", "none",
         "-no-reboot",
         "-kernel", str(boot_dir / "u-boot.bin"),
@@ -410,7 +413,8 @@ def announce(vm: VM, where: str) -> None:
     cpu = vm.cmd[vm.cmd.index("-cpu") + 1]
     card = f", sound card on -audiodev {cfg.sound}" if cfg.sound else ""
     stick = f", USB stick {cfg.usb_stick}" if cfg.usb_stick else ""
-    what = f"{accel}, -cpu {cpu}, {cfg.mem_mib} MiB{card}{stick}"
+    memory = "1024 MiB, raspi3b" if cfg.board == "raspi3b" else f"{cfg.mem_mib} MiB"
+    what = f"{accel}, -cpu {cpu}, {memory}{card}{stick}"
     print(f"== booting {cfg.image} in QEMU ({what}); {where}", file=sys.stderr)
     if accel == "tcg":
         print("   software emulation: the prompt takes about 2-3 minutes", file=sys.stderr)
@@ -553,6 +557,11 @@ def run_script(
                 with connect_serial(vm) as sock:
                     script = ConsoleScript(sock, out)
                     n = script.play(lines, boot_timeout, answer_timeout)
+                    if cfg.board == "raspi3b":  # no ACPI, no power button: pull the plug
+                        print(f"\n== script done ({n} lines); raspi3b has no power button: stopping QEMU",
+                              file=sys.stderr)  # fmt: skip
+                        vm.power_cut()
+                        return 0
                     print(f"\n== script done ({n} lines); powering off", file=sys.stderr)
                     vm.powerdown()
                     deadline = time.monotonic() + shutdown_timeout
