@@ -10,7 +10,8 @@ Audio card whose line-in and line-out go to a QEMU audio backend: `none` (silenc
 host's default devices). With --usb-stick, a raw file system image (see image/usbstick.py) is plugged in as a
 read-only USB mass-storage stick on an xHCI controller; the guest mounts it at /media/<its label>. With --http-port,
 a network card on QEMU's restricted user-mode network forwards 127.0.0.1:PORT to the guest's HTTP API (http.enabled
-in the guest's config).
+in the guest's config). With --board raspi3b, an arm64 image is the SD card of QEMU's Raspberry Pi 3B instead
+(raspi3b_command).
 
 When standard input is not a terminal, `run` plays it as a script instead of handing over the console: it waits
 for the product's prompt and for the model (`/status` until `state: ready`), types one line at a time (the next
@@ -321,7 +322,7 @@ class VM:
         self.log_path = log_path
         self._tmp = tempfile.TemporaryDirectory(prefix="llmos-vm-")
         self.vars_file = cfg.efi_vars or Path(self._tmp.name) / "OVMF_VARS.fd"
-        if not self.vars_file.exists():
+        if not self.vars_file.exists() and cfg.board != "raspi3b":  # raspi3b boots U-Boot: no UEFI store to copy
             shutil.copyfile(find_firmware(cfg.arch)[1], self.vars_file)
         self.disk: VolatileDisk | None = None
         if cfg.volatile_cache:
