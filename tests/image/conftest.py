@@ -6,7 +6,8 @@ LLMOS_SERIAL_URL=/dev/ttyUSB0 (or rfc2217://..., socket://...) and the tests tha
 
 Environment:
   LLMOS_IMAGE        image file to test (default build/image/llmos-edge.raw, built through `make image` if missing)
-  LLMOS_IMAGE_ARM64  the arm64 image (default build/image-arm64/llmos-edge.raw, `make image ARCH=arm64` if missing)
+  LLMOS_IMAGE_ARM64  the arm64 image (default build/image-novoice-arm64/llmos-edge.raw, `make image ARCH=arm64 VOICE=0`
+                     if missing)
   LLMOS_SERIAL_URL   talk to a running device instead of booting QEMU
   LLMOS_BOOT_TIMEOUT seconds to wait for the prompt (default 900: software emulation on 2 busy cores)
 """
