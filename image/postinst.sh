@@ -66,8 +66,8 @@ fi
 # Root stays locked: nobody logs in to an appliance; the product talks on the console.
 mkosi-chroot passwd --lock root >/dev/null
 
-mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-factory-reset.path \
-    llmos-boot-analysis.service llmos-io-report.service llmos-health.service llmos-update.path
+mkosi-chroot systemctl enable llmos.service llmos-var.service llmos-test-sigstop.service llmos-test-gadget.service \
+    llmos-factory-reset.path llmos-boot-analysis.service llmos-io-report.service llmos-health.service llmos-update.path
 # The ESP is written only to bless a new UKI and by updates (docs/updates.md): not at every boot for a random seed
 # (systemd-boot passes the firmware's randomness to the kernel itself), and systemd-boot is updated by an update.
 # Updates run when a person asks (`llmos update`), never by systemd's own timers (Debian's presets would enable them:

@@ -97,6 +97,13 @@ class ConsoleConfig:
         maximum=65536,
     )
     echo: bool = setting(True, "Echo typed characters back (serial terminals expect the remote end to echo).")
+    also: str = setting(
+        "",
+        "A second console served beside `device`, a session of its own with the same settings: a UART path, a pty "
+        "path or socket://host:port; empty: none. A device that does not exist yet is waited for without an error, "
+        "and it gets no banner: its prompt comes when Enter is pressed. The image sets /dev/ttyGS0, the USB serial "
+        "gadget a Raspberry Pi 4's USB-C port becomes (docs/arm64.md), which exists only on such boards.",
+    )
 
 
 @dataclass(frozen=True)
@@ -497,6 +504,13 @@ RULES: tuple[Rule, ...] = (
         "http.token must be set when http.enabled listens beyond loopback",
         "anyone on the network could use the model and read its requests; set http.token (a long random string, "
         "e.g. from `openssl rand -hex 16`), or listen on 127.0.0.1",
+    ),
+    Rule(
+        ("console.also", "console.device"),
+        lambda c: c.console.also in ("", "none") or c.console.also not in (c.console.device, "stdio", "kernel"),
+        "console.also must name another device than console.device, and not stdio or kernel",
+        "two sessions cannot share one port, and kernel and stdio are console.device's: give console.also a UART path "
+        "such as /dev/ttyGS0, or leave it empty",
     ),
     Rule(
         ("model.max_tokens", "model.context"),

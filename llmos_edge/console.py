@@ -302,7 +302,13 @@ class Console:
         memory: Memory | None = None,
         request_reset: Callable[[], str] | None = None,
         request_update: Callable[[str], str] | None = None,
+        hotplug: bool = False,
     ) -> None:
+        # A port that comes and goes with its peer (console.also: a USB serial gadget's, which exists only on a board
+        # with a USB device controller) is waited for with an info line, not an error at every boot; and it stays
+        # silent until the peer types: a host's tty echoes what arrives before its terminal program has set it raw,
+        # and a banner sent into it came back as a question (seen with a USB gadget in QEMU).
+        self.hotplug = hotplug
         self.request_update = request_update  # `/update PATH`: asks for the update, returns what happens next
         self.teaching, self.memory = teaching, memory  # learning (issue 15): /teach, /forget, /taught, /memory
         self.model = model  # `/model ...`: the supervisor's model_command
@@ -329,8 +335,8 @@ class Console:
         self._out: queue.Queue[bytes] = queue.Queue(OUTPUT_QUEUE)
         self._dropped = 0  # bytes of output dropped because the other end stopped reading
         self.machine: Session | None = None  # machine mode (/json): the program's session
-        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
-        self._writer = threading.Thread(target=self._write_out, name="console-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"console {device}", daemon=True)
+        self._writer = threading.Thread(target=self._write_out, name=f"console-writer {device}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -342,10 +348,10 @@ class Console:
     def restart(self) -> None:
         """The supervisor's remedy for a console thread that died: start the dead thread(s) again."""
         if not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"console {self.device}", daemon=True)
             self._thread.start()
         if not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._write_out, name="console-writer", daemon=True)
+            self._writer = threading.Thread(target=self._write_out, name=f"console-writer {self.device}", daemon=True)
             self._writer.start()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -462,24 +468,24 @@ class Console:
     # -- input ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         reader = LineReader(self.max_line)
-        warned = False
+        failed = ""  # the last error opening the device: logged once, and again only when it changes
         while not self._stop.is_set():
             if self.port is None:
                 try:
                     self.port = open_port(self.device, self.baud)
                 except UserError as e:
-                    if not warned:
-                        log.error("%s; retrying every 2 s", e)
-                        warned = True
+                    if str(e) != failed:
+                        (log.info if self.hotplug else log.error)("%s; retrying every 2 s", e)
+                        failed = str(e)
                     self.state = f"waiting for {self.device}"
                     self._stop.wait(2)
                     continue
-                warned = False
+                failed = ""
                 self.state = "connected"
                 log.info("console on %s", getattr(self.port, "port", None) or self.device)
                 if self.machine is not None:  # a reopened port in machine mode: say which mode it is in
                     self.send_event(protocol.mode("json"))
-                else:
+                elif not self.hotplug:  # a hotplug port's first word is the prompt its peer's Enter gets
                     self.write(self._banner())
             try:
                 data = self.port.read(512)

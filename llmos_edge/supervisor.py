@@ -183,10 +183,11 @@ class Supervisor:
                 teaching=self.teaching,
                 memory=self.memory,
             )
-        self.console: Console | None = None
-        if c.console.device != "none":
-            self.console = Console(
-                c.console.device,
+        # The console on console.device, and a second session on console.also (a USB serial gadget on a Pi 4)
+        devices = [d for d in (c.console.device, c.console.also) if d not in ("", "none")]
+        self.consoles = [
+            Console(
+                device,
                 c.console.baud,
                 c.console.max_line,
                 c.console.echo,
@@ -194,14 +195,17 @@ class Supervisor:
                 self.status,
                 self.log_lines,
                 c.model.max_tokens,
-                on_eof=(lambda: self._stop_by("Ctrl-D")) if c.console.device == "stdio" else None,
+                on_eof=(lambda: self._stop_by("Ctrl-D")) if device == "stdio" else None,
                 model=self.model_command,
                 loading=self.readiness.loading,
                 teaching=self.teaching,
                 memory=self.memory,
                 request_reset=self.request_factory_reset,
                 request_update=self.request_update,
+                hotplug=device == c.console.also,
             )
+            for device in devices
+        ]
         self.http: HttpApi | None = None
         if self.metrics is not None:
             from llmos_edge import status_page
@@ -480,9 +484,10 @@ class Supervisor:
         self.sampler.start()
         self.readiness.watch.add("sampler", self.sampler.alive, self.sampler.restart)
         self.consolidation.start()
-        if self.console is not None:
-            self.console.start()
-            self.readiness.watch.add("console", self.console.alive, self.console.restart)
+        for n, console in enumerate(self.consoles):
+            console.start()
+            self.readiness.watch.add("console" if n == 0 else f"console {console.device}", console.alive,
+                                     console.restart)  # fmt: skip
         if self.http is not None:
             try:
                 self.http.start()
@@ -525,10 +530,14 @@ class Supervisor:
         self.readiness.stopping_now()
         log.info("shutting down (%s)", self.stop_reason or "SIGTERM")
         self.scheduler.cancel_all()  # the answer being generated stops at its next token
-        if self.console is not None:
-            self.console.announce_shutdown()
-            self.console.flush(left(0.5))
-            self.console.stop(left(0.5))
+        for console in self.consoles:
+            console.announce_shutdown()
+        flushed = time.monotonic() + left(0.5)  # the consoles' half seconds run side by side, not one after another
+        for console in self.consoles:
+            console.flush(max(0.05, flushed - time.monotonic()))
+        stopped = time.monotonic() + left(0.5)
+        for console in self.consoles:
+            console.stop(max(0.05, stopped - time.monotonic()))
         if self.control is not None:
             self.control.stop()
         if self.http is not None:

@@ -294,6 +294,10 @@ def card(image: Path, dest: Path) -> Path:
 # QEMU's SMBIOS credential that switches on llmos-test-sigstop.service in the guest: it SIGSTOPs the supervisor right
 # after READY, so systemd's watchdog must restart it (test_configured.py, test_arm64.py).
 SIGSTOP_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.sigstop=1"]
+# The one that switches on llmos-test-gadget.service (arm64): a USB host in software asks the console on the USB serial
+# gadget "usb gadget ping" and leaves its transcript in /var/lib/llmos/test-gadget.log (test_arm64.py).
+GADGET_CREDENTIAL = ["-smbios", "type=11,value=io.systemd.credential:llmos.test.gadget=1"]
+GADGET_QUESTION = "usb gadget ping"
 
 STICK = "/media/MODELS"  # the models stick (models_stick below), mounted by the image's udev rule
 # (rootfs-overlay/usr/lib/udev/rules.d/80-llmos-usb-stick.rules)

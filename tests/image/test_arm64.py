@@ -8,6 +8,9 @@ the same product as on x86-64, checked where an architecture can break it.
 - A power cut on the disk whose unflushed writes are lost (nbdkit, image/volatiledisk.py), while an answer streams:
   the next boot reaches READY and answers; read off the disk after a clean power-off, the database passes
   integrity_check and keeps every request answered before the cut.
+- The console on the USB serial gadget (a Pi 4's USB-C port): in the boot after the cut, llmos-test-gadget.service
+  loads dummy_hcd, a USB device controller and host in software; g_serial binds to it, the supervisor opens
+  /dev/ttyGS0 (console.also) and a client on the host side's /dev/ttyACM0 (cdc_acm) asks a question there.
 Two boots in all: under emulation a boot is the expensive part.
 
 The same image is the Raspberry Pi's SD card (issue 17, point 3): its ESP carries the Pi firmware, config.txt, U-Boot
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    GADGET_CREDENTIAL,
+    GADGET_QUESTION,
     SIGSTOP_CREDENTIAL,
     Boot,
     bless,
@@ -160,20 +165,38 @@ def test_a_power_cut_while_an_answer_streams_loses_no_answered_request(arm64: Bo
     arm64.console.read_until(b"\r\n", 60)
     assert arm64.console.read_some(60), "no answer started streaming"
     arm64.power_cut()
-    second = boot(arm64_disk, "arm64-after-cut", arch=ARCH, volatile_cache=True)
+    second = boot(arm64_disk, "arm64-after-cut", arch=ARCH, volatile_cache=True, extra=GADGET_CREDENTIAL)
     BOOTS.append(second)
     measure("arm64_boot_wall_s_to_ready_after_cut", round(second.wall_s, 1))
     assert second.console.ask("ping") == "pong"
+
+
+def test_a_usb_host_is_answered_on_the_usb_serial_gadget(arm64_disk: Path) -> None:
+    """llmos-test-gadget.service's question on /dev/ttyACM0 reaches the supervisor through the gadget's /dev/ttyGS0:
+    the console on the UART lists it among the last requests (its transcript is read off the disk below)."""
+    if len(BOOTS) < 2:
+        pytest.skip("the power cut test did not boot the disk again")
+    deadline = time.monotonic() + 600
+    logs = ""
+    while GADGET_QUESTION not in logs and time.monotonic() < deadline:
+        logs = BOOTS[1].console.ask("/logs 5", timeout=60)
+        time.sleep(5)
+    assert GADGET_QUESTION in logs, logs
+    time.sleep(5)  # the client writes its transcript once it has read the prompt after the answer
 
 
 def test_the_disk_keeps_every_answered_request_and_both_restarts(arm64_disk: Path, tmp_path: Path) -> None:
     if len(BOOTS) < 2:
         pytest.skip("the power cut test did not boot the disk again")
     BOOTS[1].shutdown()
-    conn = sqlite3.connect(copy_from_var(arm64_disk, "/lib/llmos", tmp_path / "var") / "llmos.db")
+    state = copy_from_var(arm64_disk, "/lib/llmos", tmp_path / "var")  # /var/lib/llmos
+    conn = sqlite3.connect(state / "llmos.db")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     prompts = {row[0] for row in conn.execute("SELECT prompt FROM requests")}
     assert set(ASKED) <= prompts, f"answered before the cut, gone after it: {set(ASKED) - prompts}"
+    assert GADGET_QUESTION in prompts, "the USB gadget's question is not in the database"
+    echoed = [p for p in prompts if p.startswith("llmos-edge")]
+    assert not echoed, f"the console's own words came back as questions (a host tty echoing them): {echoed}"
     starts = conn.execute("SELECT stopped_at, exit_reason FROM starts ORDER BY id").fetchall()
     conn.close()
     # the SIGSTOPped supervisor, the one the watchdog started (cut), the clean one after the cut
@@ -183,3 +206,6 @@ def test_the_disk_keeps_every_answered_request_and_both_restarts(arm64_disk: Pat
     assert BLESSED[0] in esp_files(arm64_disk), "no reboot by the health gate"
     log = journal(arm64_disk, tmp_path / "journal", "-u", "llmos")
     assert "Watchdog timeout" in log, log[-2000:]
+    assert "console on /dev/ttyGS0" in log, log[-2000:]
+    transcript = (state / "test-gadget.log").read_text(errors="replace")
+    assert transcript.endswith("\nanswered\n") and GADGET_QUESTION in transcript, transcript

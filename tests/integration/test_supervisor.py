@@ -11,7 +11,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from llmos_edge.console import FdPort
+from tests.console_client import ConsoleClient
 from tests.integration.conftest import MODEL, REPO, Appliance, heldout
 
 
@@ -230,3 +233,38 @@ def test_a_crash_loop_puts_the_supervisor_in_degraded_mode(appliance: Appliance)
     assert st["state"].startswith("degraded (crash loop: 5 restarts within 60 s"), st
     assert appliance.proc.poll() is None
     assert "crash loop" in appliance.llmos("status").stdout
+
+
+def test_a_second_console_waits_quietly_for_its_device_then_is_a_session_of_its_own(
+    appliance_factory: type[Appliance], tmp_path: Path
+) -> None:
+    """console.also (the image's /dev/ttyGS0: the USB serial gadget a Pi 4's USB-C port becomes, which exists only
+    on such a board): missing at start, it is waited for with no error; once the path exists (here a pty linked
+    there) it says nothing until Enter is pressed (a host's tty would echo a banner back as a question), then
+    answers, while the first console keeps its own session."""
+    gadget = tmp_path / "ttyGS0"
+    app = appliance_factory(config=f"console:\n  also: {gadget}\n")
+    app.wait_ready()
+    app.console.read_until(b"llmos> ", 10)
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+    try:
+        gadget.symlink_to(os.ttyname(slave))
+        second = ConsoleClient(FdPort(master, master))
+        deadline = time.monotonic() + 10  # the console retries opening every 2 s
+        while time.monotonic() < deadline and not re.search(rf"console on {re.escape(str(gadget))}", app.output()):
+            time.sleep(0.2)
+        assert second.drain(quiet=1, timeout=5) == b"", "the second console spoke before anyone typed"
+        second.send("\r")
+        assert second.read_until(b"llmos> ", 10).strip() == b"llmos>"
+        second.send("what is llmos edge\r")  # both sessions at once (the scheduler queues one behind the other)
+        assert app.console.ask("ping") == "pong"
+        assert second.read_until(b"llmos> ", 60).strip() != b"llmos>", "no answer on the second console"
+        assert second.ask("ping") == "pong"
+        log = app.output()
+        assert f"INFO llmos_edge.console: cannot open the console device {gadget}" in log, log
+        assert "ERROR llmos_edge.console" not in log, log
+        assert f"console on {gadget}" in log, log
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -99,6 +99,8 @@ def test_the_defaults_keep_every_rule_between_keys_and_the_rules_name_real_keys(
         ("governor:\n  cool_margin: 20\n", ["governor.critical", "governor.cool_margin", "governor.setpoint"]),
         ("scheduler:\n  aging: 4000\n", ["scheduler.aging", "scheduler.deadline_background"]),
         ("voice:\n  listen_seconds: 0.3\n", ["voice.listen_seconds", "voice.end_silence_ms"]),
+        ("console:\n  device: /dev/ttyGS0\n  also: /dev/ttyGS0\n", ["console.also", "console.device"]),
+        ("console:\n  also: kernel\n", ["console.also", "console.device"]),
     ],
 )
 def test_keys_that_contradict_each_other_give_one_line_naming_file_and_keys(
@@ -116,6 +118,8 @@ def test_rules_that_need_no_check_pass(tmp_path: Path) -> None:
     assert cfg.voice.listen_seconds == 0
     cfg = load_file(write(tmp_path, "voice:\n  listen_seconds: 0.2\n  wake_word: ''\n"))  # no wake word: no window
     assert cfg.voice.listen_seconds == 0.2
+    cfg = load_file(write(tmp_path, "console:\n  device: none\n  also: none\n"))  # nothing shared
+    assert cfg.console.also == "none"
 
 
 def test_rules_are_checked_on_the_merged_layers_not_file_by_file(tmp_path: Path) -> None:
