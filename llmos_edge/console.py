@@ -490,7 +490,8 @@ class Console:
             try:
                 data = self.port.read(512)
             except (serial.SerialException, OSError, EOFError) as e:
-                log.error("console device %s lost (%s); reopening", self.device, e)
+                # a hotplug port goes when its peer does (a USB cable pulled): news, not an error
+                (log.info if self.hotplug else log.error)("console device %s lost (%s); reopening", self.device, e)
                 self._close_port()
                 self._stop.wait(1)
                 continue
