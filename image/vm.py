@@ -414,8 +414,9 @@ def announce(vm: VM, where: str) -> None:
     cpu = vm.cmd[vm.cmd.index("-cpu") + 1]
     card = f", sound card on -audiodev {cfg.sound}" if cfg.sound else ""
     stick = f", USB stick {cfg.usb_stick}" if cfg.usb_stick else ""
-    memory = "1024 MiB, raspi3b" if cfg.board == "raspi3b" else f"{cfg.mem_mib} MiB"
-    what = f"{accel}, -cpu {cpu}, {memory}{card}{stick}"
+    memory = vm.cmd[vm.cmd.index("-m") + 1]  # raspi3b's is fixed by the board, not --mem
+    board = f", {cfg.board}" if cfg.board else ""
+    what = f"{accel}, -cpu {cpu}, -m {memory}{board}{card}{stick}"
     print(f"== booting {cfg.image} in QEMU ({what}); {where}", file=sys.stderr)
     if accel == "tcg":
         print("   software emulation: the prompt takes about 2-3 minutes", file=sys.stderr)
