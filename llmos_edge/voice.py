@@ -121,12 +121,12 @@ def make_recognizer(cfg: VoiceConfig) -> Recognizer:
     return PocketsphinxRecognizer(cfg.wake_word, read_questions(cfg.questions))
 
 
-# What the running front-end adds to the supervisor's memory. Measured in the image with pocketsphinx's grammar
-# recogniser: the supervisor's RSS went from about 44 MiB to 180-197 MiB once voice listened. With Whisper (the
-# default), on the host, in a process that had imported llmos_edge.supervisor: +181 MiB once the VAD, the wake-word
-# spotter (no language model), CTranslate2 and tiny.en (int8) were loaded and had recognised a few utterances, and
-# +213 MiB after 20 utterances of up to 6 s (CTranslate2 keeps buffers for the longest input it has seen); the
-# grammar recogniser measured the same way: +154 MiB. Not yet measured again in the image.
+# What the running front-end adds to the supervisor's memory. Measured in the image (tests/image/
+# test_factory_reset.py, -cpu Nehalem, 2026-12-05): the supervisor's RSS was 33-35 MiB without voice and 224 MiB once
+# voice (the VAD, the wake-word spotter, CTranslate2 and tiny.en, int8) had recognised three utterances: +190 MiB. On
+# the host: +181 MiB loaded, up to +213 MiB after 20 utterances of up to 6 s (CTranslate2 keeps buffers for the
+# longest input it has seen). That needs transparent huge pages at "madvise" (the image sets it: llmos-memory.conf);
+# at Debian's "always" the same supervisor held 411 MiB. The grammar recogniser alone measured +154 MiB on the host.
 VOICE_MEMORY_MB = 220
 MIC_POLL_S = 10.0  # how often a missing microphone is looked for again
 
