@@ -102,11 +102,11 @@ unit: venv vocab
 # The architecture matrix's models (model/arch_matrix.py) are loaded by test_architectures.py.
 integration: venv vocab speed-model arch-models
 	LLMOS_SPEED_MODEL=$(SPEED_MODEL) LLMOS_ARCH_MODELS=$(ARCH_MODELS) \
-	  $(VENV)/bin/pytest -q --durations=8 -m "not voice_rates" tests/integration
+	  $(VENV)/bin/pytest -q --durations=8 tests/integration
 
-# Spoken-command recognition rates per voice (issue 6; not yet part of `make test`, see tests/integration/test_voice.py)
+# Spoken-command recognition rates per voice alone (issue 16; `make test` runs them with the other integration tests)
 test-voice: venv
-	$(VENV)/bin/pytest -q -s -m voice_rates tests/integration/test_voice.py
+	$(VENV)/bin/pytest -q -s tests/integration/test_voice.py -k test_commands_are_recognised
 
 # Host checks first (seconds to a couple of minutes), then the image tests (image.mk) that boot QEMU.
 test: deps lint typecheck unit integration $(IMAGE_TEST)

@@ -88,8 +88,9 @@ def main() -> int:
         f"| ms | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} |\n| target | <= {P50_MS} | <= {P95_MS} |\n\n"
         "Medians of the parts (ms): "
         + ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in parts.items())
-        + ". endpoint = the silence that ends an utterance (voice.end_silence_ms) plus VAD time; asr = grammar "
-        "and dictation decoding; ttft = submit to first token; tts = espeak-ng for the first clause.\n"
+        + ". endpoint = the silence that ends an utterance (voice.end_silence_ms) plus VAD time; asr = the "
+        "recogniser (Whisper and the phoneme match); ttft = submit to first token; tts = espeak-ng for the first "
+        "clause.\n"
     )
     print(body)
     report.verdict("questions answered with audio", f"{len(lat)} of {args.rounds}", "all", len(lat) == args.rounds)

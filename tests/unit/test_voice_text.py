@@ -10,7 +10,17 @@ from llmos_edge.config import VoiceConfig, load_file
 from llmos_edge.errors import UserError
 from llmos_edge.status import lines as status_lines
 from llmos_edge.voice import help_text, spoken_status
-from llmos_edge.voice_asr import COMMANDS, command_of, normalise, read_questions
+from llmos_edge.voice_asr import (
+    COMMANDS,
+    CommandMatcher,
+    collapse_repeats,
+    command_of,
+    detokenize,
+    normalise,
+    phonemes,
+    prompt_tokens,
+    read_questions,
+)
 from llmos_edge.voice_tts import speakable, split_sentences
 from tests.voice_fixtures import status_snapshot
 
@@ -30,6 +40,44 @@ def test_phrases_compare_without_case_or_punctuation() -> None:
     assert normalise("  What is the Temperature?! ") == "what is the temperature"
     assert command_of("Say that again.") == "repeat"
     assert command_of("what is the temperature outside") == ""
+
+
+def test_a_phrase_whisper_repeats_is_read_once() -> None:
+    assert collapse_repeats("status status status status") == "status"
+    assert collapse_repeats("what can you do what can you") == "what can you do"
+    assert collapse_repeats("system status system status system") == "system status"
+    assert collapse_repeats("how long have you been running") == "how long have you been running"
+    assert collapse_repeats("stop") == "stop" and collapse_repeats("") == ""
+
+
+def test_whisper_tokens_are_decoded_to_text() -> None:
+    # byte-level BPE: "Ġ" is the space, special tokens are dropped, UTF-8 survives being split across tokens
+    assert detokenize(["<|startoftranscript|>", "ĠHow", "Ġhot", "Ġare", "Ġyou", "?", "<|endoftext|>"]) == (
+        " How hot are you?"
+    )
+    assert detokenize(["ĠcafÃ", "©"]) == " café"
+
+
+def test_a_prompt_is_spelled_in_the_models_tokens_longest_first() -> None:
+    vocabulary = {t: i for i, t in enumerate(["S", "t", "a", "u", "s", "Ġ", "ĠStat", "ĠStatus", "us", ".", "Ã", "©"])}
+    assert prompt_tokens(" Status.", vocabulary) == ["ĠStatus", "."]
+    assert prompt_tokens(" Stats", vocabulary) == ["ĠStat", "s"]
+    assert prompt_tokens("é", vocabulary) == ["Ã", "©"]  # bytes, as the tokenizer's alphabet spells them
+    with pytest.raises(ValueError, match="'x' is not in the vocabulary"):
+        prompt_tokens("x", vocabulary)
+
+
+def test_commands_are_matched_by_phonemes_one_edit_in_five() -> None:
+    matcher = CommandMatcher({p: intent for intent, ps in COMMANDS.items() for p in ps} | {"what model is this": ""})
+    assert phonemes("up time") == phonemes("uptime")  # word boundaries do not count
+    assert matcher.match(["status"]) == ("status", "status")
+    assert matcher.match(["council"]) == ("cancel", "stop")  # one vowel in five phonemes
+    assert matcher.match(["memories status"]) == ("memory status", "memory")
+    assert matcher.match(["what model is it"]) == ("what model is this", "")  # a known question, one edit away
+    # a minimal pair of a short command is another word, and so is everything else
+    for other in ["top", "step", "start", "statue", "mystery", "how are you", "open the window", ""]:
+        assert matcher.match([other]) is None, other
+    assert matcher.match(["open the window", "stop"]) == ("stop", "stop")  # any hypothesis may match
 
 
 def test_every_command_is_in_the_spoken_help() -> None:
