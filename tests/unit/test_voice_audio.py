@@ -12,7 +12,15 @@ import pytest
 from llmos_edge.config import VoiceConfig
 from llmos_edge.errors import UserError
 from llmos_edge.voice import Voice
-from llmos_edge.voice_asr import NOISE_DB, PEAK, PocketsphinxRecognizer, WhisperRecognizer, conditioned, log_mel
+from llmos_edge.voice_asr import (
+    NOISE_DB,
+    PEAK,
+    Heard,
+    PocketsphinxRecognizer,
+    WhisperRecognizer,
+    conditioned,
+    log_mel,
+)
 from llmos_edge.voice_audio import probe_capture
 from llmos_edge.voice_vad import Endpointer, SileroVAD
 from tests.voice_fixtures import RATE, alsa_devices, render, silence, status_snapshot
@@ -56,14 +64,18 @@ def test_recogniser_input_has_a_fixed_level_and_a_repeatable_noise_floor() -> No
     assert abs(20 * np.log10(PEAK / floor.std()) - NOISE_DB) < 0.5  # digital silence becomes a noise floor
 
 
-def test_grammar_command_known_question_and_rejected_speech(recognizer: PocketsphinxRecognizer) -> None:
+def hear(recognizer: PocketsphinxRecognizer | WhisperRecognizer, text: str) -> Heard:
+    """What `recognizer` makes of `text` spoken by espeak-ng, with 0.3 s of silence either side."""
     pad = silence(0.3)
-    heard = recognizer.recognise(np.concatenate([pad, render("what is the temperature"), pad]))
+    return recognizer.recognise(np.concatenate([pad, render(text), pad]))
+
+
+def test_grammar_command_known_question_and_rejected_speech(recognizer: PocketsphinxRecognizer) -> None:
+    heard = hear(recognizer, "what is the temperature")
     assert (heard.kind, heard.intent, heard.how) == ("command", "temperature", "grammar")
-    heard = recognizer.recognise(np.concatenate([pad, render("what model is this"), pad]))
+    heard = hear(recognizer, "what model is this")
     assert (heard.kind, heard.text, heard.how) == ("question", "what model is this", "questions")
-    heard = recognizer.recognise(np.concatenate([pad, render("open the garage door"), pad]))
-    assert heard.kind != "command"
+    assert hear(recognizer, "open the garage door").kind != "command"
 
 
 def test_wake_word_is_found_and_its_end_marks_where_the_command_starts(recognizer: PocketsphinxRecognizer) -> None:
@@ -79,14 +91,13 @@ def whisper() -> WhisperRecognizer:
 
 
 def test_whisper_hears_commands_known_questions_and_other_speech(whisper: WhisperRecognizer) -> None:
-    pad = silence(0.3)
-    heard = whisper.recognise(np.concatenate([pad, render("what is the temperature"), pad]))
+    heard = hear(whisper, "what is the temperature")
     assert (heard.kind, heard.intent, heard.how) == ("command", "temperature", "whisper")
-    heard = whisper.recognise(np.concatenate([pad, render("what model is this"), pad]))
+    heard = hear(whisper, "what model is this")
     assert (heard.kind, heard.text, heard.how) == ("question", "what model is this", "questions")
-    heard = whisper.recognise(np.concatenate([pad, render("who wrote the odyssey"), pad]))
+    heard = hear(whisper, "who wrote the odyssey")
     assert (heard.kind, heard.text, heard.how) == ("question", "who wrote the odyssey", "whisper")
-    heard = whisper.recognise(np.concatenate([pad, render("top"), pad]))  # a minimal pair of "stop"
+    heard = hear(whisper, "top")  # a minimal pair of "stop"
     assert heard.kind != "command", heard
     assert whisper.recognise(silence(1.0)).kind == "unclear"
 
