@@ -102,6 +102,22 @@ def test_whisper_hears_commands_known_questions_and_other_speech(whisper: Whispe
     assert whisper.recognise(silence(1.0)).kind == "unclear"
 
 
+def test_a_longer_command_heard_as_other_words_gets_a_second_hearing(whisper: WhisperRecognizer) -> None:
+    """The decision on Whisper's two hearings (LEAN_CONFIRM); the second hearing's words are given here."""
+
+    def never() -> list[str]:
+        raise AssertionError("no phrase was near enough for a second hearing")
+
+    heard = whisper._heard(["how far to you"], lambda: ["how hot are you"])
+    assert (heard.kind, heard.intent, heard.text) == ("command", "temperature", "how hot are you")
+    # the free hearing is the phrase with sounds left out: leaned on, Whisper adds the words it was given
+    assert whisper._heard(["how are you"], lambda: ["how hot are you"]).kind == "question"
+    assert whisper._heard(["top"], never).kind == "unclear"  # one-word commands get no second hearing
+    assert whisper._heard(["open the garage door"], never).kind == "question"
+    # leaned toward the commands, Whisper must write the phrase that was near, not another one
+    assert whisper._heard(["how far to you"], lambda: ["what can you do"]).kind == "question"
+
+
 def test_whisper_wake_word_is_pocketsphinxs(whisper: WhisperRecognizer) -> None:
     wake, cmd = render("computer"), render("status")
     end = whisper.wake(np.concatenate([silence(0.3), wake, silence(0.4), cmd, silence(0.3)]))
