@@ -53,13 +53,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # -- measurements ------------------------------------------------------------------------------------------
 MEASUREMENTS: dict[str, Any] = {}
+MEASUREMENTS_FILE = ARTIFACTS / "measurements.json"
 
 
 def measure(key: str, value: Any) -> None:
-    """Numbers for the README and the report, written to build/image-test/measurements.json."""
+    """Numbers for the README and the report, written to build/image-test/measurements.json. Merged into what the
+    file holds: `make test` runs the x86-64 and the arm64 image tests as two pytest sessions, and the second must not
+    wipe the first's figures (a key keeps an earlier run's value until it is measured again)."""
+    if not MEASUREMENTS and MEASUREMENTS_FILE.exists():
+        try:
+            MEASUREMENTS.update(json.loads(MEASUREMENTS_FILE.read_text()))
+        except (OSError, ValueError):
+            pass  # a file cut short (a run killed mid-write): this run's figures start it again
     MEASUREMENTS[key] = value
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "measurements.json").write_text(json.dumps(MEASUREMENTS, indent=2, sort_keys=True) + "\n")
+    MEASUREMENTS_FILE.write_text(json.dumps(MEASUREMENTS, indent=2, sort_keys=True) + "\n")
 
 
 # -- the console -------------------------------------------------------------------------------------------

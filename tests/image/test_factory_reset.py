@@ -264,7 +264,8 @@ def test_after_the_reset_var_is_new_with_the_default_config_and_an_empty_databas
         text = after.console.ask("/status")
         assert re.search(r"^config: defaults, /etc/llmos/llmos\.yaml$", text, re.M), text  # no override any more
         rss = re.search(r"^memory: supervisor ([\d.]+) ?MiB", text, re.M)  # no microphone: voice never loaded
-        measure("supervisor_rss_mib_no_voice", float(rss.group(1)) if rss else None)
+        assert rss, "/status has no memory line"
+        measure("supervisor_rss_mib_no_voice", float(rss.group(1)))
         logs = after.console.ask("/logs 20")  # only this boot's self-test (source gate, which asks ping)
         assert all(" gate " in line for line in logs.splitlines()), logs
         after.shutdown()

@@ -507,7 +507,8 @@ def test_with_a_sound_card_voice_listens_on_the_microphone(nehalem_with_sound: M
     measure("voice_status_nehalem", line)
     time.sleep(20)  # a capture that fails says so in /status (and retries)
     rss = re.search(r"^memory: supervisor ([\d.]+) ?MiB", status(b), re.M)
-    measure("supervisor_rss_mib_voice_loaded_nehalem", float(rss.group(1)) if rss else None)
+    assert rss, "/status has no memory line"
+    measure("supervisor_rss_mib_voice_loaded_nehalem", float(rss.group(1)))
     assert voice_line(b) == expected
     assert b.console.ask("ping") == "pong"
 
