@@ -136,13 +136,12 @@ def recognition_rates(
 
 
 # Issue 16's targets, judged on this set (tests/voice_fixtures.py: 4 espeak-ng voices x 2 speeds, the 19 command
-# phrases and the 10 other sentences above). The recogniser's rule and limits (llmos_edge/voice_asr.py) were fixed on
-# a separate development set (bench/voice_devset.py: other base voices, variants, speeds and other phrases) before
-# this set was run. Rendering is deterministic (sox -D) and so is the recogniser (beam search), so every run on one
-# machine gives the same figures: 143/152 commands recognised (94%), 0/80 other utterances taken for a command (the
-# development set: 125/152 and 0/320). Issue 16's target is 95% of commands: not reached (the misses are Whisper
-# tiny.en hearing a phrase as other words), so the floor below guards the 94% measured, less one command for the last
-# bits of int8 arithmetic on another CPU, not the target.
+# phrases and the 10 other sentences above): at least 95% of commands recognised, no other utterance taken for a
+# command. The recogniser's rule and limits (llmos_edge/voice_asr.py) were fixed on a separate development set
+# (bench/voice_devset.py: other base voices, variants, speeds and other phrases) before this set was run. Rendering
+# is deterministic (sox -D) and so is the recogniser (beam search), so every run on one machine gives the same
+# figures. Measured on 2026-12-05 after the hearing in context (voice_asr.CONTEXT) was chosen on the development set
+# (130/152 and 0/320 there): 151/152 commands (99%), 0/80 other utterances. Before it: 143/152 (94%).
 def test_commands_are_recognised_and_other_speech_is_never_a_command(tmp_path: Path) -> None:
     per_voice, false_accepts = recognition_rates(tmp_path, VOICES, SPEEDS, OUT_OF_GRAMMAR)
     total = sum(ok for ok, _ in per_voice.values()), sum(n for _, n in per_voice.values())
@@ -151,7 +150,7 @@ def test_commands_are_recognised_and_other_speech_is_never_a_command(tmp_path: P
     print(f"out-of-grammar accepted as a command: {len(false_accepts)}/{len(OUT_OF_GRAMMAR) * len(VOICES) * 2}")
     (tmp_path.parent / "voice-rates.json").write_text(json.dumps({"per_voice": report, "false": false_accepts}))
     assert not false_accepts
-    assert total[0] >= 0.93 * total[1], report
+    assert total[0] >= 0.95 * total[1], report
 
 
 def faq_answer(word: str) -> str:

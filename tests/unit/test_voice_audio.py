@@ -103,19 +103,40 @@ def test_whisper_hears_commands_known_questions_and_other_speech(whisper: Whispe
 
 
 def test_a_longer_command_heard_as_other_words_gets_a_second_hearing(whisper: WhisperRecognizer) -> None:
-    """The decision on Whisper's two hearings (LEAN_CONFIRM); the second hearing's words are given here."""
+    """The decision on Whisper's hearings (CONTEXT, LEAN_CONFIRM); the later hearings' words are given here."""
 
     def never() -> list[str]:
-        raise AssertionError("no phrase was near enough for a second hearing")
+        raise AssertionError("no phrase was near enough for a leaned hearing")
 
-    heard = whisper._heard(["how far to you"], lambda: ["how hot are you"])
+    def nothing() -> list[str]:
+        return ["thank you"]
+
+    heard = whisper._heard(["how far to you"], lambda: ["how hot are you"], nothing)
     assert (heard.kind, heard.intent, heard.text) == ("command", "temperature", "how hot are you")
     # the free hearing is the phrase with sounds left out: leaned on, Whisper adds the words it was given
-    assert whisper._heard(["how are you"], lambda: ["how hot are you"]).kind == "question"
-    assert whisper._heard(["top"], never).kind == "unclear"  # one-word commands get no second hearing
-    assert whisper._heard(["open the garage door"], never).kind == "question"
+    assert whisper._heard(["how are you"], lambda: ["how hot are you"], nothing).kind == "question"
+    assert whisper._heard(["top"], never, lambda: ["top"]).kind == "unclear"  # one-word commands are not leaned on
+    assert whisper._heard(["open the garage door"], never, nothing).kind == "question"
     # leaned toward the commands, Whisper must write the phrase that was near, not another one
-    assert whisper._heard(["how far to you"], lambda: ["what can you do"]).kind == "question"
+    assert whisper._heard(["how far to you"], lambda: ["what can you do"], nothing).kind == "question"
+    # what the hearing in context wrote counts for "near" too
+    heard = whisper._heard(["thank you"], lambda: ["how hot are you"], lambda: ["how far to you"])
+    assert (heard.kind, heard.intent) == ("command", "temperature")
+
+
+def test_a_command_heard_in_context_is_taken(whisper: WhisperRecognizer) -> None:
+    """Heard alone, "cancel" came out as "console"; after CONTEXT, as "cancel": that is the command. The hearing in
+    context never makes a known question of a free transcript, and is not made when the free hearing was a command."""
+
+    def never() -> list[str]:
+        raise AssertionError("heard again although the first hearing was enough")
+
+    heard = whisper._heard(["console"], never, lambda: ["cancel"])
+    assert (heard.kind, heard.intent, heard.text) == ("command", "stop", "cancel")
+    assert whisper._heard(["status"], never, never).intent == "status"
+    assert whisper._heard(["console"], never, lambda: ["console"]).kind == "unclear"
+    heard = whisper._heard(["who wrote the odyssey"], never, lambda: ["what model is this"])
+    assert (heard.kind, heard.text, heard.how) == ("question", "who wrote the odyssey", "whisper")
 
 
 def test_whisper_wake_word_is_pocketsphinxs(whisper: WhisperRecognizer) -> None:
