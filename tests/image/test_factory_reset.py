@@ -221,9 +221,12 @@ def test_the_voice_interactions_are_in_the_database_and_nothing_failed(
     replies = heard_replies(to_mono_16k(LINE_OUT))
     measure("voice_line_out_heard", replies)
     assert any(said_in("yes", r, 0.0) for r in replies), replies
-    # the status sentence's first words as spoken ("State ready. Model ..."), in any reply heard
+    # the status sentence's first words as spoken ("State ready. Model ..."), in the line-out as a whole: QEMU's wav
+    # backend writes only what the card played, so the silence between replies is not in the file and the VAD cuts
+    # where it finds a pause, not per reply (a CI run heard "yes stay ready", "model ...": "Yes?" and "State ready."
+    # ran together, and the status sentence was cut at its full stop)
     first_words = " ".join(normalise(speakable(status[0]["answer"])).split()[:3])
-    assert any(said_in(first_words, r) for r in replies), (first_words, replies)
+    assert said_in(first_words, " ".join(replies)), (first_words, replies)
 
     log = journal(reset_disk.disk, tmp_path / "j", "-u", "llmos.service", "-o", "cat")
     errors = [x for x in log.splitlines() if re.search(r"ERROR llmos_edge\.voice|arecord|aplay|espeak-ng", x)]
